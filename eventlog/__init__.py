@@ -1,0 +1,35 @@
+"""The durable, fenced, append-only event log and its snapshot store."""
+
+from eventlog._base import (
+    AppendError,
+    CompactedError,
+    EventDecodeError,
+    EventLog,
+    EventLogError,
+    FencedError,
+    LeaderInfo,
+    Lease,
+    LogClosedError,
+    LogOpenError,
+    event_type,
+    now_ms,
+)
+from eventlog._memory import MemoryEventLog
+from eventlog._sqlite import SqliteEventLog
+
+__all__ = [
+    "AppendError",
+    "CompactedError",
+    "EventDecodeError",
+    "EventLog",
+    "EventLogError",
+    "FencedError",
+    "LeaderInfo",
+    "Lease",
+    "LogClosedError",
+    "LogOpenError",
+    "MemoryEventLog",
+    "SqliteEventLog",
+    "event_type",
+    "now_ms",
+]

@@ -1,0 +1,658 @@
+"""The SQLite event log on aiosqlite: the embedded default.
+
+The database runs in WAL mode with ``synchronous=FULL``, so a commit that
+returned survives a crash of the process or the machine. One writer
+connection carries every write transaction; a second connection serves
+reads, so readers never wait behind a commit. Concurrent appends are
+group-committed: a single writer task takes every append that arrived while
+the previous commit ran and writes them in one transaction, in arrival order.
+
+SQLite's WAL mode needs a local file system: several coordinators may share
+one log only on one host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import sqlite3
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from eventlog._base import (
+    AppendError,
+    CompactedError,
+    EventDecodeError,
+    EventLog,
+    EventLogError,
+    FencedError,
+    LeaderInfo,
+    Lease,
+    LogClosedError,
+    LogOpenError,
+    event_type,
+    now_ms,
+)
+from protos import jobledger_events_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "jobledger-eventlog"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    epoch INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    seq INTEGER PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL,
+    address TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+"""
+
+_INSERT_ONE = "INSERT INTO events (epoch, type, body) VALUES (?, ?, ?) RETURNING seq"
+_PAGE_QUERY = (
+    "SELECT seq, epoch, type, body FROM events WHERE seq >= ? ORDER BY seq LIMIT ?"
+)
+_LAST_SEQ_QUERY = "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_insert_sql(rows: int) -> str:
+    """Return the one statement that appends a batch of ``rows`` events.
+
+    The statement is its own transaction. It inserts every row or none: the
+    uncorrelated subqueries are evaluated once, and the batch lands only when
+    the lease's epoch is the writer's and the log ends at the seq the writer
+    expects, so a batch never lands after an earlier one failed.
+    sqlite_sequence keeps the highest seq ever assigned, even after
+    compaction empties the table, so seqs are never reused.
+    """
+    values = ",".join(f"({i},?,?)" for i in range(rows))
+    return (
+        "INSERT INTO events (epoch, type, body)"
+        f" SELECT ?, column2, column3 FROM (VALUES {values})"
+        " WHERE (SELECT epoch FROM lease WHERE id = 1) = ?"
+        " AND coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0) = ?"
+        " ORDER BY column1 RETURNING seq"
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class _PendingAppend:
+    """One caller's batch, waiting for the writer task."""
+
+    epoch: int
+    rows: list[tuple[str, bytes]]
+    future: asyncio.Future[list[int]]
+
+
+class SqliteEventLog(EventLog):
+    """The event log in one SQLite file.
+
+    Three connections share the file. The writer connection runs only the
+    group-commit statements, each a transaction of its own. The control
+    connection runs the lease, snapshot and compaction transactions, and the
+    reader serves ``read`` and ``follow``, so readers never wait behind a
+    commit.
+
+    Args:
+        path: the database file; created when missing.
+        max_batch_events: the most events one group commit writes.
+        poll_interval_s: how often ``follow`` looks for events written by
+            other processes; events of this process wake it at once.
+        page_size: events fetched per query while reading.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_batch_events: int = 4096,
+        poll_interval_s: float = 0.02,
+        page_size: int = 4096,
+    ) -> None:
+        self.path = Path(path)
+        self._max_batch_events = max_batch_events
+        self._poll_interval_s = poll_interval_s
+        self._page_size = page_size
+        self._writer: aiosqlite.Connection | None = None
+        self._control: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._control_lock = asyncio.Lock()
+        self._queue: deque[_PendingAppend] = deque()
+        self._wakeup = asyncio.Event()
+        self._committed = asyncio.Condition()
+        self._writer_task: asyncio.Task[None] | None = None
+        # The seq the log ends at once every commit handed to the writer
+        # thread has landed; the next batch expects it.
+        self._tail_seq = 0
+        # Epochs with a failed commit: later batches of such an epoch were
+        # decided on state that included the lost events, so none may land.
+        # Taking the lease again starts a new epoch.
+        self._poisoned_epochs: set[int] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        self._check_not_closed()
+        try:
+            self._control = await self._connect()
+            await self._init_schema(self._control)
+            self._writer = await self._connect()
+            self._reader = await self._connect()
+        except sqlite3.DatabaseError as exc:
+            await self._close_connections()
+            raise LogOpenError(f"{self.path} is not a jobledger log: {exc}") from exc
+        except LogOpenError:
+            await self._close_connections()
+            raise
+        self._tail_seq = await self.last_seq()
+        self._writer_task = asyncio.create_task(
+            self._run_writer(), name=f"eventlog-writer {self.path}"
+        )
+        logger.info("event log opened: %s (last seq %d)", self.path, self._tail_seq)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+        self._fail_pending(LogClosedError(f"event log {self.path} was closed"))
+        await self._close_connections()
+        logger.info("event log closed: %s", self.path)
+
+    async def _connect(self) -> aiosqlite.Connection:
+        # isolation_level=None: autocommit, so each group-commit statement is
+        # its own transaction and others are begun explicitly.
+        conn = await aiosqlite.connect(
+            self.path, isolation_level=None, cached_statements=256
+        )
+        try:
+            await conn.execute("PRAGMA busy_timeout = 10000")
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _init_schema(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            tables = {
+                row[0]
+                for row in await _fetchall(
+                    conn, "SELECT name FROM sqlite_master WHERE type = 'table'"
+                )
+            }
+            if tables and "meta" not in tables:
+                raise LogOpenError(
+                    f"{self.path} is not a jobledger log: it is an SQLite database "
+                    "without jobledger's meta table; give the path of a jobledger "
+                    "log or of a new file"
+                )
+            if "meta" in tables:
+                await self._check_meta(conn)
+            else:
+                await self._create_schema(conn)
+            await conn.execute("COMMIT")
+        except BaseException:
+            await _rollback(conn)
+            raise
+
+    async def _create_schema(self, conn: aiosqlite.Connection) -> None:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                await conn.execute(statement)
+        await conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [("format", FORMAT_NAME), ("schema_version", str(SCHEMA_VERSION))],
+        )
+        await conn.execute(
+            "INSERT INTO lease (id, holder, address, epoch, expires_ms)"
+            " VALUES (1, '', '', 0, 0)"
+        )
+        logger.info("event log created: %s", self.path)
+
+    async def _check_meta(self, conn: aiosqlite.Connection) -> None:
+        meta = dict(await _fetchall(conn, "SELECT key, value FROM meta"))
+        if meta.get("format") != FORMAT_NAME:
+            raise LogOpenError(
+                f"{self.path} is not a jobledger log: its meta table names format "
+                f"{meta.get('format')!r}, expected {FORMAT_NAME!r}"
+            )
+        version = meta.get("schema_version")
+        if version != str(SCHEMA_VERSION):
+            raise LogOpenError(
+                f"{self.path} has schema version {version}, but this jobledger "
+                f"reads version {SCHEMA_VERSION} only; open it with the jobledger "
+                "release that wrote it"
+            )
+
+    async def _close_connections(self) -> None:
+        for conn in (self._reader, self._writer, self._control):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self._reader = self._writer = self._control = None
+
+    def _check_not_closed(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"event log {self.path} is closed")
+
+    def _conn(self, conn: aiosqlite.Connection | None) -> aiosqlite.Connection:
+        self._check_not_closed()
+        if conn is None:
+            raise LogClosedError(f"event log {self.path} is not open; call open()")
+        return conn
+
+    # ------------------------------------------------------------ appends
+
+    async def append(self, events: Sequence[pb.Event], epoch: int) -> list[int]:
+        self._conn(self._writer)
+        if not events:
+            return []
+        if epoch in self._poisoned_epochs:
+            raise _poisoned(epoch)
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_PendingAppend(epoch, _encode(events), future))
+        self._wakeup.set()
+        return await future
+
+    async def _run_writer(self) -> None:
+        # Appends that arrive while a commit runs wait here and form the next
+        # batch, so a commit's cost is shared by every caller of its batch.
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch = self._take_batch()
+                count = sum(len(append.rows) for append in batch)
+                expected_tail = self._tail_seq
+                self._tail_seq += count
+                await self._commit(batch, expected_tail)
+
+    def _take_batch(self) -> list[_PendingAppend]:
+        # A batch never mixes two epochs: each is fenced by its own.
+        first = self._queue.popleft()
+        batch = [first]
+        count = len(first.rows)
+        while self._queue:
+            head = self._queue[0]
+            if head.epoch != first.epoch:
+                break
+            if count + len(head.rows) > self._max_batch_events:
+                break
+            batch.append(self._queue.popleft())
+            count += len(head.rows)
+        return batch
+
+    async def _commit(self, batch: list[_PendingAppend], expected_tail: int) -> None:
+        epoch = batch[0].epoch
+        params: list[object] = [epoch]
+        for append in batch:
+            for type_name, body in append.rows:
+                params.append(type_name)
+                params.append(body)
+        params.append(epoch)
+        params.append(expected_tail)
+        count = (len(params) - 3) // 2
+        try:
+            if epoch in self._poisoned_epochs:
+                raise _poisoned(epoch)
+            rows = await _fetchall(
+                self._conn(self._writer), _batch_insert_sql(count), params
+            )
+            if len(rows) != count:
+                raise await self._rejection(epoch, expected_tail)
+        except (EventLogError, sqlite3.Error) as exc:
+            await self._fail_commit(batch, epoch, exc)
+            return
+        seq = min(row[0] for row in rows)
+        for append in batch:
+            n = len(append.rows)
+            if not append.future.done():
+                append.future.set_result(list(range(seq, seq + n)))
+            seq += n
+        async with self._committed:
+            self._committed.notify_all()
+
+    async def _rejection(self, epoch: int, expected_tail: int) -> EventLogError:
+        """Explain why a fenced batch statement inserted nothing."""
+        log_epoch = (await self.leader()).epoch
+        if log_epoch != epoch:
+            return FencedError(epoch, log_epoch)
+        last = await self.last_seq()
+        return AppendError(
+            f"log {self.path} ends at seq {last}, not at the expected seq "
+            f"{expected_tail}: an earlier batch of epoch {epoch} did not land"
+        )
+
+    async def _fail_commit(
+        self, batch: list[_PendingAppend], epoch: int, exc: Exception
+    ) -> None:
+        self._poisoned_epochs.add(epoch)
+        self._tail_seq = await self.last_seq()
+        if isinstance(exc, FencedError):
+            logger.warning("%s (%d appends rejected)", exc, len(batch))
+            error: Exception = exc
+        elif isinstance(exc, EventLogError):
+            logger.error("append of epoch %d failed: %s", epoch, exc)
+            error = exc
+        else:
+            logger.error("commit to %s failed at epoch %d: %s", self.path, epoch, exc)
+            error = AppendError(f"commit to {self.path} failed: {exc}")
+        _fail_all(batch, error)
+
+    def _fail_pending(self, error: Exception) -> None:
+        while self._queue:
+            _fail_all([self._queue.popleft()], error)
+
+    # ------------------------------------------------------------ reads
+
+    async def read(self, from_seq: int = 1) -> AsyncIterator[pb.Event]:
+        next_seq = await self._check_compacted(from_seq)
+        while True:
+            page = await self._fetch_page(next_seq)
+            for event in page:
+                yield event
+            if len(page) < self._page_size:
+                return
+            next_seq = page[-1].seq + 1
+
+    async def follow(self, from_seq: int = 1) -> AsyncIterator[pb.Event]:
+        next_seq = await self._check_compacted(from_seq)
+        while True:
+            page = await self._fetch_page(next_seq)
+            if page and page[0].seq != next_seq:
+                # Seqs have no gaps, so a jump means compaction overtook us.
+                raise CompactedError(next_seq, await self._compacted_through())
+            for event in page:
+                yield event
+            if page:
+                next_seq = page[-1].seq + 1
+                if len(page) == self._page_size:
+                    continue
+            async with self._committed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._committed.wait(), self._poll_interval_s
+                    )
+
+    async def _fetch_page(self, from_seq: int) -> list[pb.Event]:
+        rows = await _fetchall(
+            self._conn(self._reader), _PAGE_QUERY, (from_seq, self._page_size)
+        )
+        return [
+            _decode(seq, epoch, type_name, body) for seq, epoch, type_name, body in rows
+        ]
+
+    async def _check_compacted(self, from_seq: int) -> int:
+        compacted = await self._compacted_through()
+        if from_seq <= compacted:
+            raise CompactedError(from_seq, compacted)
+        return max(from_seq, 1)
+
+    async def _compacted_through(self) -> int:
+        rows = await _fetchall(
+            self._conn(self._reader),
+            "SELECT value FROM meta WHERE key = 'compacted_through'",
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def last_seq(self) -> int:
+        rows = await _fetchall(self._conn(self._reader), _LAST_SEQ_QUERY)
+        return int(rows[0][0]) if rows else 0
+
+    # ------------------------------------------------------------ snapshots
+
+    async def save_snapshot(self, snapshot: pb.Snapshot) -> None:
+        last = await self.last_seq()
+        if snapshot.seq > last:
+            raise ValueError(
+                f"snapshot seq {snapshot.seq} is past the newest event seq {last}"
+            )
+        body = snapshot.SerializeToString()
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT OR REPLACE INTO snapshots (seq, epoch, body) VALUES (?, ?, ?)",
+                (snapshot.seq, snapshot.epoch, body),
+            )
+        logger.info(
+            "snapshot saved at seq %d (%d bytes) in %s",
+            snapshot.seq,
+            len(body),
+            self.path,
+        )
+
+    async def load_snapshot(self) -> pb.Snapshot | None:
+        rows = await _fetchall(
+            self._conn(self._reader),
+            "SELECT seq, body FROM snapshots ORDER BY seq DESC LIMIT 1",
+        )
+        if not rows:
+            return None
+        seq, body = rows[0]
+        try:
+            return pb.Snapshot.FromString(body)
+        except Exception as exc:
+            raise EventDecodeError(seq, "snapshot", str(exc)) from exc
+
+    async def compact(self, keep_tail: int = 0) -> int:
+        if keep_tail < 0:
+            raise ValueError(f"keep_tail must be 0 or more, got {keep_tail}")
+        async with self._transaction() as conn:
+            rows = await _fetchall(conn, "SELECT max(seq) FROM snapshots")
+            snapshot_seq = rows[0][0]
+            if snapshot_seq is None:
+                return 0
+            through = snapshot_seq - keep_tail
+            cursor = await conn.execute("DELETE FROM events WHERE seq <= ?", (through,))
+            deleted = cursor.rowcount
+            await conn.execute("DELETE FROM snapshots WHERE seq < ?", (snapshot_seq,))
+            if through > 0:
+                await conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('compacted_through', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value ="
+                    " max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                    (str(through),),
+                )
+        logger.info(
+            "compacted %d events through seq %d (snapshot at seq %d) in %s",
+            deleted,
+            through,
+            snapshot_seq,
+            self.path,
+        )
+        return int(deleted)
+
+    # ------------------------------------------------------------ lease
+
+    async def acquire_lease(
+        self, holder: str, address: str, duration_s: float
+    ) -> Lease | None:
+        if not holder:
+            raise ValueError("lease holder must not be empty")
+        now = now_ms()
+        async with self._transaction() as conn:
+            ((current, epoch, expires),) = await _fetchall(
+                conn, "SELECT holder, epoch, expires_ms FROM lease WHERE id = 1"
+            )
+            if current and current != holder and expires > now:
+                return None
+            new_epoch = epoch + 1
+            lease = Lease(holder, new_epoch, now + int(duration_s * 1000))
+            await conn.execute(
+                "UPDATE lease SET holder = ?, address = ?, epoch = ?, expires_ms = ?"
+                " WHERE id = 1",
+                (holder, address, new_epoch, lease.expires_ms),
+            )
+            elected = pb.Event()
+            elected.leader_elected.leader_id = holder
+            elected.leader_elected.address = address
+            elected.leader_elected.epoch = new_epoch
+            elected.timestamp.FromMilliseconds(now)
+            ((type_name, body),) = _encode([elected])
+            ((seq,),) = await _fetchall(conn, _INSERT_ONE, (new_epoch, type_name, body))
+        self._tail_seq = seq
+        logger.info(
+            "lease acquired by %s at epoch %d in %s", holder, new_epoch, self.path
+        )
+        return lease
+
+    async def renew_lease(self, lease: Lease, duration_s: float) -> Lease | None:
+        expires = now_ms() + int(duration_s * 1000)
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE lease SET expires_ms = ?"
+                " WHERE id = 1 AND holder = ? AND epoch = ?",
+                (expires, lease.holder, lease.epoch),
+            )
+            renewed = cursor.rowcount == 1
+        if not renewed:
+            logger.warning(
+                "lease of %s at epoch %d was taken over in %s",
+                lease.holder,
+                lease.epoch,
+                self.path,
+            )
+            return None
+        return dataclasses.replace(lease, expires_ms=expires)
+
+    async def release_lease(self, lease: Lease) -> None:
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE lease SET holder = '', expires_ms = 0"
+                " WHERE id = 1 AND holder = ? AND epoch = ?",
+                (lease.holder, lease.epoch),
+            )
+            released = cursor.rowcount == 1
+        if released:
+            logger.info(
+                "lease released by %s at epoch %d in %s",
+                lease.holder,
+                lease.epoch,
+                self.path,
+            )
+
+    async def leader(self) -> LeaderInfo:
+        rows = await _fetchall(
+            self._conn(self._reader),
+            "SELECT holder, address, epoch, expires_ms FROM lease WHERE id = 1",
+        )
+        holder, address, epoch, expires = rows[0]
+        return LeaderInfo(holder, address, epoch, expires)
+
+    # ------------------------------------------------------------ helpers
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Run one write transaction on the control connection, exclusively."""
+        async with self._control_lock:
+            conn = self._conn(self._control)
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await _rollback(conn)
+                raise
+            await conn.execute("COMMIT")
+
+
+def _encode(events: Sequence[pb.Event]) -> list[tuple[str, bytes]]:
+    """Serialize envelopes for storage as (type, body) rows.
+
+    The seq and epoch columns are authoritative: whatever the envelope says
+    of them is overwritten when it is read back. An envelope without a
+    timestamp gets the current time, appended as an encoded field, which
+    protobuf parses as if it had been set, so the caller's message is not
+    copied or changed.
+    """
+    rows = []
+    stamp: bytes | None = None
+    for event in events:
+        type_name = event_type(event)
+        body = event.SerializeToString()
+        if not event.HasField("timestamp"):
+            if stamp is None:
+                stamp = _timestamp_field(now_ms())
+            body += stamp
+        rows.append((type_name, body))
+    return rows
+
+
+def _timestamp_field(millis: int) -> bytes:
+    holder = pb.Event()
+    holder.timestamp.FromMilliseconds(millis)
+    return holder.SerializeToString()
+
+
+def _decode(seq: int, epoch: int, type_name: str, body: bytes) -> pb.Event:
+    try:
+        event = pb.Event.FromString(body)
+    except Exception as exc:
+        raise EventDecodeError(seq, type_name, str(exc)) from exc
+    decoded_type = event.WhichOneof("body")
+    if decoded_type != type_name:
+        raise EventDecodeError(
+            seq,
+            type_name,
+            f"its body decodes as {decoded_type!r}; the log may have been written "
+            "by a newer jobledger",
+        )
+    event.seq = seq
+    event.epoch = epoch
+    return event
+
+
+async def _fetchall(
+    conn: aiosqlite.Connection, sql: str, params: Sequence[object] = ()
+) -> list[Any]:
+    return list(await conn.execute_fetchall(sql, params))
+
+
+def _poisoned(epoch: int) -> AppendError:
+    return AppendError(
+        f"an earlier append of epoch {epoch} failed, so no later one of that "
+        "epoch may land; take the lease again to write at a new epoch"
+    )
+
+
+def _fail_all(batch: Iterable[_PendingAppend], error: Exception) -> None:
+    for append in batch:
+        if not append.future.done():
+            append.future.set_exception(error)
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        await conn.execute("ROLLBACK")
