@@ -907,11 +907,14 @@ class JobFailingOver(_message.Message):
     RESTART_DELAY_MS_FIELD_NUMBER: _builtins.int
     RESTART_AT_MS_FIELD_NUMBER: _builtins.int
     RESTORE_CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    BACKOFF_MS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     reason: _builtins.str
     restart_delay_ms: _builtins.int
     restart_at_ms: _builtins.int
     restore_checkpoint_id: _builtins.int
+    backoff_ms: _builtins.int
+    """The restart strategy's backoff before jitter, the base of the next one."""
     def __init__(
         self,
         *,
@@ -920,10 +923,11 @@ class JobFailingOver(_message.Message):
         restart_delay_ms: _builtins.int = ...,
         restart_at_ms: _builtins.int = ...,
         restore_checkpoint_id: _builtins.int = ...,
+        backoff_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason", "restart_at_ms", b"restart_at_ms", "restart_delay_ms", b"restart_delay_ms", "restore_checkpoint_id", b"restore_checkpoint_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_ms", b"backoff_ms", "job_id", b"job_id", "reason", b"reason", "restart_at_ms", b"restart_at_ms", "restart_delay_ms", b"restart_delay_ms", "restore_checkpoint_id", b"restore_checkpoint_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1119,38 +1123,6 @@ class CheckpointFailed(_message.Message):
 Global___CheckpointFailed: _TypeAlias = CheckpointFailed  # noqa: Y015
 
 @_typing.final
-class CheckpointFailureReported(_message.Message):
-    """A report of a failure that came after its checkpoint ended and counted
-    against the tolerance when the checkpoint was not yet subsumed.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
-    JOB_ID_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    COUNTS_AGAINST_TOLERANCE_FIELD_NUMBER: _builtins.int
-    checkpoint_id: _builtins.int
-    job_id: _builtins.str
-    message: _builtins.str
-    counts_against_tolerance: _builtins.bool
-    def __init__(
-        self,
-        *,
-        checkpoint_id: _builtins.int = ...,
-        job_id: _builtins.str = ...,
-        message: _builtins.str = ...,
-        counts_against_tolerance: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "counts_against_tolerance", b"counts_against_tolerance", "job_id", b"job_id", "message", b"message"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___CheckpointFailureReported: _TypeAlias = CheckpointFailureReported  # noqa: Y015
-
-@_typing.final
 class CheckpointDiscarded(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1194,7 +1166,6 @@ class Event(_message.Message):
     CHECKPOINT_ACKNOWLEDGED_FIELD_NUMBER: _builtins.int
     CHECKPOINT_COMPLETED_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FAILED_FIELD_NUMBER: _builtins.int
-    CHECKPOINT_FAILURE_REPORTED_FIELD_NUMBER: _builtins.int
     CHECKPOINT_DISCARDED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     epoch: _builtins.int
@@ -1232,8 +1203,6 @@ class Event(_message.Message):
     @_builtins.property
     def checkpoint_failed(self) -> Global___CheckpointFailed: ...
     @_builtins.property
-    def checkpoint_failure_reported(self) -> Global___CheckpointFailureReported: ...
-    @_builtins.property
     def checkpoint_discarded(self) -> Global___CheckpointDiscarded: ...
     def __init__(
         self,
@@ -1256,14 +1225,13 @@ class Event(_message.Message):
         checkpoint_acknowledged: Global___CheckpointAcknowledged | None = ...,
         checkpoint_completed: Global___CheckpointCompleted | None = ...,
         checkpoint_failed: Global___CheckpointFailed | None = ...,
-        checkpoint_failure_reported: Global___CheckpointFailureReported | None = ...,
         checkpoint_discarded: Global___CheckpointDiscarded | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint_acknowledged", b"checkpoint_acknowledged", "checkpoint_completed", b"checkpoint_completed", "checkpoint_discarded", b"checkpoint_discarded", "checkpoint_failed", b"checkpoint_failed", "checkpoint_failure_reported", b"checkpoint_failure_reported", "checkpoint_triggered", b"checkpoint_triggered", "job_failing_over", b"job_failing_over", "job_restarted", b"job_restarted", "job_status_changed", b"job_status_changed", "job_submitted", b"job_submitted", "leader_elected", b"leader_elected", "task_health_reported", b"task_health_reported", "task_manager_heartbeat", b"task_manager_heartbeat", "task_manager_lost", b"task_manager_lost", "task_manager_registered", b"task_manager_registered", "task_status_changed", b"task_status_changed", "tasks_assigned", b"tasks_assigned", "timestamp", b"timestamp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint_acknowledged", b"checkpoint_acknowledged", "checkpoint_completed", b"checkpoint_completed", "checkpoint_discarded", b"checkpoint_discarded", "checkpoint_failed", b"checkpoint_failed", "checkpoint_triggered", b"checkpoint_triggered", "job_failing_over", b"job_failing_over", "job_restarted", b"job_restarted", "job_status_changed", b"job_status_changed", "job_submitted", b"job_submitted", "leader_elected", b"leader_elected", "task_health_reported", b"task_health_reported", "task_manager_heartbeat", b"task_manager_heartbeat", "task_manager_lost", b"task_manager_lost", "task_manager_registered", b"task_manager_registered", "task_status_changed", b"task_status_changed", "tasks_assigned", b"tasks_assigned", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint_acknowledged", b"checkpoint_acknowledged", "checkpoint_completed", b"checkpoint_completed", "checkpoint_discarded", b"checkpoint_discarded", "checkpoint_failed", b"checkpoint_failed", "checkpoint_failure_reported", b"checkpoint_failure_reported", "checkpoint_triggered", b"checkpoint_triggered", "epoch", b"epoch", "job_failing_over", b"job_failing_over", "job_restarted", b"job_restarted", "job_status_changed", b"job_status_changed", "job_submitted", b"job_submitted", "leader_elected", b"leader_elected", "seq", b"seq", "task_health_reported", b"task_health_reported", "task_manager_heartbeat", b"task_manager_heartbeat", "task_manager_lost", b"task_manager_lost", "task_manager_registered", b"task_manager_registered", "task_status_changed", b"task_status_changed", "tasks_assigned", b"tasks_assigned", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint_acknowledged", b"checkpoint_acknowledged", "checkpoint_completed", b"checkpoint_completed", "checkpoint_discarded", b"checkpoint_discarded", "checkpoint_failed", b"checkpoint_failed", "checkpoint_triggered", b"checkpoint_triggered", "epoch", b"epoch", "job_failing_over", b"job_failing_over", "job_restarted", b"job_restarted", "job_status_changed", b"job_status_changed", "job_submitted", b"job_submitted", "leader_elected", b"leader_elected", "seq", b"seq", "task_health_reported", b"task_health_reported", "task_manager_heartbeat", b"task_manager_heartbeat", "task_manager_lost", b"task_manager_lost", "task_manager_registered", b"task_manager_registered", "task_status_changed", b"task_status_changed", "tasks_assigned", b"tasks_assigned", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["leader_elected", "task_manager_registered", "task_manager_heartbeat", "task_manager_lost", "job_submitted", "tasks_assigned", "task_status_changed", "task_health_reported", "job_failing_over", "job_restarted", "job_status_changed", "checkpoint_triggered", "checkpoint_acknowledged", "checkpoint_completed", "checkpoint_failed", "checkpoint_failure_reported", "checkpoint_discarded"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["leader_elected", "task_manager_registered", "task_manager_heartbeat", "task_manager_lost", "job_submitted", "tasks_assigned", "task_status_changed", "task_health_reported", "job_failing_over", "job_restarted", "job_status_changed", "checkpoint_triggered", "checkpoint_acknowledged", "checkpoint_completed", "checkpoint_failed", "checkpoint_discarded"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -886,6 +886,26 @@ class TaskDeploymentDescriptor(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class OutputShuffleModesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: Global___ShuffleMode.ValueType
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ShuffleMode.ValueType = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_GRAPH_JOB_ID_FIELD_NUMBER: _builtins.int
     JOB_VERTEX_ID_FIELD_NUMBER: _builtins.int
     SUBTASK_INDEX_FIELD_NUMBER: _builtins.int
@@ -907,6 +927,7 @@ class TaskDeploymentDescriptor(_message.Message):
     CHAINED_OPERATOR_INFO_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     PARALLELISM_FIELD_NUMBER: _builtins.int
+    OUTPUT_SHUFFLE_MODES_FIELD_NUMBER: _builtins.int
     job_graph_job_id: _builtins.str
     job_vertex_id: _builtins.str
     subtask_index: _builtins.int
@@ -940,6 +961,10 @@ class TaskDeploymentDescriptor(_message.Message):
     def input_keying_info(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputKeyingInfo]: ...
     @_builtins.property
     def chained_operator_info(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainedOperatorInfo]: ...
+    @_builtins.property
+    def output_shuffle_modes(self) -> _containers.ScalarMap[_builtins.str, Global___ShuffleMode.ValueType]:
+        """jobledger: the shuffle mode of each output edge, by target vertex id."""
+
     def __init__(
         self,
         *,
@@ -964,10 +989,11 @@ class TaskDeploymentDescriptor(_message.Message):
         chained_operator_info: _abc.Iterable[Global___ChainedOperatorInfo] | None = ...,
         attempt: _builtins.int = ...,
         parallelism: _builtins.int = ...,
+        output_shuffle_modes: _abc.Mapping[_builtins.str, Global___ShuffleMode.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chained_operator_info", b"chained_operator_info", "fully_qualified_operator_name", b"fully_qualified_operator_name", "input_keying_info", b"input_keying_info", "input_serializer_type_name", b"input_serializer_type_name", "input_type_name", b"input_type_name", "inputs", b"inputs", "is_recovery", b"is_recovery", "job_graph_job_id", b"job_graph_job_id", "job_vertex_id", b"job_vertex_id", "operator_configuration", b"operator_configuration", "output_keying_info", b"output_keying_info", "output_serializer_type_name", b"output_serializer_type_name", "output_type_name", b"output_type_name", "outputs", b"outputs", "parallelism", b"parallelism", "recovery_checkpoint_id", b"recovery_checkpoint_id", "recovery_snapshot_handle", b"recovery_snapshot_handle", "recovery_source_offsets", b"recovery_source_offsets", "subtask_index", b"subtask_index", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chained_operator_info", b"chained_operator_info", "fully_qualified_operator_name", b"fully_qualified_operator_name", "input_keying_info", b"input_keying_info", "input_serializer_type_name", b"input_serializer_type_name", "input_type_name", b"input_type_name", "inputs", b"inputs", "is_recovery", b"is_recovery", "job_graph_job_id", b"job_graph_job_id", "job_vertex_id", b"job_vertex_id", "operator_configuration", b"operator_configuration", "output_keying_info", b"output_keying_info", "output_serializer_type_name", b"output_serializer_type_name", "output_shuffle_modes", b"output_shuffle_modes", "output_type_name", b"output_type_name", "outputs", b"outputs", "parallelism", b"parallelism", "recovery_checkpoint_id", b"recovery_checkpoint_id", "recovery_snapshot_handle", b"recovery_snapshot_handle", "recovery_source_offsets", b"recovery_source_offsets", "subtask_index", b"subtask_index", "task_name", b"task_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

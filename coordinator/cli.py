@@ -1,0 +1,206 @@
+"""The ``jobledger`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from coordinator.config import (
+    CheckpointConfig,
+    CoordinatorConfig,
+    ExponentialDelayRestart,
+    FixedDelayRestart,
+    RestartStrategy,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 6123
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _add_coordinator_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser(
+        "coordinator", help="run a coordinator (JobManager) on a log file"
+    )
+    parser.add_argument("--db", required=True, help="path of the SQLite event log")
+    parser.add_argument(
+        "--listen",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        help="HOST:PORT to serve gRPC on (default %(default)s; port 0 picks one)",
+    )
+    parser.add_argument("--advertise", help="HOST:PORT others reach this one at")
+    parser.add_argument("--coordinator-id", help="identity in the lease and logs")
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument(
+        "--checkpoint-interval",
+        type=_positive,
+        help="seconds between periodic checkpoints (default: off)",
+    )
+    group.add_argument("--checkpoint-timeout", type=_positive, default=600.0)
+    group.add_argument("--min-pause", type=_non_negative, default=0.0)
+    group.add_argument("--max-concurrent-checkpoints", type=int, default=1)
+    group.add_argument("--tolerable-failed-checkpoints", type=_count, default=0)
+    group.add_argument("--retained-checkpoints", type=int, default=1)
+    group = parser.add_argument_group("task managers")
+    group.add_argument("--heartbeat-interval", type=_positive, default=10.0)
+    group.add_argument("--heartbeat-timeout", type=_positive, default=50.0)
+    group.add_argument("--default-slots", type=int, default=1)
+    group.add_argument("--max-parallelism", type=int, default=128)
+    group = parser.add_argument_group("restart strategy")
+    group.add_argument(
+        "--restart-strategy",
+        choices=("exponential-delay", "fixed-delay"),
+        default="exponential-delay",
+    )
+    group.add_argument("--restart-initial-delay", type=_non_negative, default=1.0)
+    group.add_argument("--restart-max-delay", type=_non_negative, default=300.0)
+    group.add_argument("--restart-multiplier", type=_positive, default=2.0)
+    group.add_argument("--restart-jitter", type=_non_negative, default=0.1)
+    group.add_argument("--restart-reset-after", type=_positive, default=3600.0)
+    group.add_argument("--restart-attempts", type=_count, default=3)
+    group.add_argument("--restart-delay", type=_non_negative, default=1.0)
+    group = parser.add_argument_group("log and leadership")
+    group.add_argument("--lease", type=_positive, default=2.0, help="lease seconds")
+    group.add_argument("--snapshot-every", type=_count, default=10_000)
+    group.add_argument("--retain-events", type=_count, default=10_000)
+    parser.set_defaults(handler=_run_coordinator)
+
+
+def _restart_strategy(args: argparse.Namespace) -> RestartStrategy:
+    if args.restart_strategy == "fixed-delay":
+        return FixedDelayRestart(
+            attempts=args.restart_attempts, delay_s=args.restart_delay
+        )
+    return ExponentialDelayRestart(
+        initial_s=args.restart_initial_delay,
+        max_s=args.restart_max_delay,
+        multiplier=args.restart_multiplier,
+        jitter=args.restart_jitter,
+        reset_after_s=args.restart_reset_after,
+    )
+
+
+def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
+    """Build the configuration from parsed ``coordinator`` arguments.
+
+    Raises ValueError naming the first invalid combination.
+    """
+    if args.max_concurrent_checkpoints < 1:
+        raise ValueError("--max-concurrent-checkpoints must be 1 or more")
+    if args.retained_checkpoints < 1:
+        raise ValueError("--retained-checkpoints must be 1 or more")
+    if args.default_slots < 1:
+        raise ValueError("--default-slots must be 1 or more")
+    if args.heartbeat_timeout <= args.heartbeat_interval:
+        raise ValueError("--heartbeat-timeout must be longer than --heartbeat-interval")
+    return CoordinatorConfig(
+        db_path=args.db,
+        listen=args.listen,
+        advertise=args.advertise,
+        coordinator_id=args.coordinator_id,
+        checkpoints=CheckpointConfig(
+            interval_s=args.checkpoint_interval,
+            timeout_s=args.checkpoint_timeout,
+            min_pause_s=args.min_pause,
+            max_concurrent=args.max_concurrent_checkpoints,
+            tolerable_failed=args.tolerable_failed_checkpoints,
+            retained=args.retained_checkpoints,
+        ),
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        default_slots=args.default_slots,
+        max_parallelism=args.max_parallelism,
+        restart=_restart_strategy(args),
+        lease_s=args.lease,
+        snapshot_every=args.snapshot_every,
+        retain_events=args.retain_events,
+    )
+
+
+async def _serve_until_signal(config: CoordinatorConfig) -> None:
+    from coordinator.server import Coordinator
+
+    coordinator = Coordinator(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await coordinator.start()
+    try:
+        await stop.wait()
+        logger.info("stop signal received")
+    finally:
+        await coordinator.stop()
+
+
+def _run_coordinator(args: argparse.Namespace) -> int:
+    config = coordinator_config(args)
+    asyncio.run(_serve_until_signal(config))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of every ``jobledger`` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="jobledger",
+        description="A fault-tolerant, event-sourced JobManager for stream jobs.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (default %(default)s)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_coordinator_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.handler(args))
+    except ValueError as exc:
+        print(f"jobledger {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"jobledger {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

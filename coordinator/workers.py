@@ -1,0 +1,238 @@
+"""Calls from the leader to workers: the effects of durable decisions.
+
+Every call carries the leader's epoch in the ``jobledger-leader-epoch``
+metadata entry, so a worker can reject a deposed leader. Calls run in the
+background; what they report back (a deployment's outcome, a trigger that
+did not arrive) becomes a command of the same epoch, ignored once the
+leadership has moved on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from coordinator import checkpoints, jobs
+from coordinator.config import CoordinatorConfig
+from coordinator.decision import (
+    CancelTask,
+    DeployTask,
+    DiscardSnapshots,
+    Effect,
+    NotifyCheckpointAborted,
+    NotifyCheckpointComplete,
+    TriggerCheckpoint,
+)
+from coordinator.engine import Engine
+from coordinator.errors import NotLeader
+from protos import jobledger_services_pb2_grpc as svc_grpc
+from protos import jobmanager_internal_pb2_grpc as fpb_grpc
+
+logger = logging.getLogger(__name__)
+
+EPOCH_METADATA_KEY = "jobledger-leader-epoch"
+
+_TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+class EpochChanged(Exception):
+    """The leadership that decided a call moved on; the call is dropped."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _TRANSIENT
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class WorkerCalls:
+    """Runs effects against workers, one background task per call."""
+
+    def __init__(self, engine: Engine, config: CoordinatorConfig) -> None:
+        self._engine = engine
+        self._config = config
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, effects: list[Effect], epoch: int) -> None:
+        """Start the calls of a durable decision made at ``epoch``."""
+        for effect in effects:
+            task = asyncio.create_task(self._run(effect, epoch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def cancel_all(self) -> None:
+        """Cancel every call in flight, e.g. when leadership is lost."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel the calls in flight and close every channel. Safe to call twice."""
+        await self.cancel_all()
+        channels = list(self._channels.values())
+        self._channels.clear()
+        for channel in channels:
+            await channel.close()
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(endpoint)
+            self._channels[endpoint] = channel
+        return channel
+
+    async def _run(self, effect: Effect, epoch: int) -> None:
+        if not effect.endpoint:
+            logger.warning("no endpoint for task manager %s", effect.task_manager_id)
+            return
+        try:
+            if isinstance(effect, DeployTask):
+                await self._deploy(effect, epoch)
+            elif isinstance(effect, TriggerCheckpoint):
+                await self._trigger(effect, epoch)
+            else:
+                await self._notify(effect, epoch)
+        except (EpochChanged, NotLeader):
+            logger.debug("call to %s dropped: epoch %d ended", effect.endpoint, epoch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception(
+                "call to task manager %s at %s failed unexpectedly",
+                effect.task_manager_id,
+                effect.endpoint,
+            )
+
+    async def _call(
+        self,
+        epoch: int,
+        call: Callable[[tuple[tuple[str, str], ...]], Awaitable[Any]],
+        timeout_s: float,
+    ) -> Any:
+        """Make one call with retries on transient failures, while at ``epoch``."""
+        metadata = ((EPOCH_METADATA_KEY, str(epoch)),)
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(timeout_s),
+            wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
+            retry=retry_if_exception(_is_transient),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                if self._engine.epoch != epoch:
+                    raise EpochChanged()
+                return await call(metadata)
+        raise AssertionError("tenacity ended without a result")
+
+    async def _deploy(self, effect: DeployTask, epoch: int) -> None:
+        stub = fpb_grpc.TaskExecutionStub(self._channel(effect.endpoint))
+        timeout = self._config.worker_call_timeout_s
+        try:
+            response = await self._call(
+                epoch,
+                lambda md: stub.DeployTask(effect.descriptor, metadata=md, timeout=5),
+                timeout,
+            )
+            ok, message = response.success, response.message
+        except grpc.aio.AioRpcError as exc:
+            ok, message = False, _describe(exc)
+        if not ok:
+            logger.warning(
+                "deployment of task %s attempt %d of job %s to %s failed: %s",
+                effect.task_id,
+                effect.attempt,
+                effect.job_id,
+                effect.task_manager_id,
+                message,
+            )
+        await self._engine.execute_at(
+            epoch,
+            jobs.decide_deploy_result,
+            effect.job_id,
+            effect.task_id,
+            effect.attempt,
+            ok,
+            message,
+        )
+
+    async def _trigger(self, effect: TriggerCheckpoint, epoch: int) -> None:
+        stub = fpb_grpc.TaskManagerCheckpointingStub(self._channel(effect.endpoint))
+        request = effect.request
+        try:
+            response = await self._call(
+                epoch,
+                lambda md: stub.TriggerTaskCheckpoint(request, metadata=md, timeout=5),
+                min(self._config.worker_call_timeout_s, 10.0),
+            )
+            reason = "" if response.acknowledged else "the task manager rejected it"
+        except grpc.aio.AioRpcError as exc:
+            reason = _describe(exc)
+        if reason:
+            logger.warning(
+                "trigger of checkpoint %d of job %s on %s failed: %s",
+                request.checkpoint_id,
+                request.job_id,
+                effect.task_manager_id,
+                reason,
+            )
+            await self._engine.execute_at(
+                epoch,
+                checkpoints.decide_trigger_failed,
+                request.checkpoint_id,
+                effect.task_manager_id,
+                reason,
+            )
+
+    async def _notify(
+        self,
+        effect: NotifyCheckpointComplete
+        | NotifyCheckpointAborted
+        | CancelTask
+        | DiscardSnapshots,
+        epoch: int,
+    ) -> None:
+        stub = svc_grpc.TaskManagerControlStub(self._channel(effect.endpoint))
+        if isinstance(effect, NotifyCheckpointComplete):
+            method: Any = stub.NotifyCheckpointComplete
+        elif isinstance(effect, NotifyCheckpointAborted):
+            method = stub.NotifyCheckpointAborted
+        elif isinstance(effect, CancelTask):
+            method = stub.CancelTask
+        else:
+            method = stub.DiscardSnapshots
+        request = effect.request
+        try:
+            await self._call(
+                epoch,
+                lambda md: method(request, metadata=md, timeout=5),
+                self._config.worker_call_timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            logger.warning(
+                "%s to task manager %s failed: %s",
+                type(effect).__name__,
+                effect.task_manager_id,
+                _describe(exc),
+            )
