@@ -47,7 +47,12 @@ def _add_coordinator_parser(commands: argparse._SubParsersAction) -> None:  # ty
     parser = commands.add_parser(
         "coordinator", help="run a coordinator (JobManager) on a log file"
     )
-    parser.add_argument("--db", required=True, help="path of the SQLite event log")
+    parser.add_argument(
+        "--db",
+        required=True,
+        help="path of the SQLite event log; ':memory:' keeps it in memory, "
+        "without durability (for benchmarks)",
+    )
     parser.add_argument(
         "--listen",
         default=f"127.0.0.1:{DEFAULT_PORT}",

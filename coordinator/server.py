@@ -20,7 +20,7 @@ from coordinator.servicers import (
     TaskReporting,
 )
 from coordinator.workers import WorkerCalls
-from eventlog import SqliteEventLog
+from eventlog import EventLog, MemoryEventLog, SqliteEventLog
 from protos import jobledger_services_pb2 as svc
 from protos import jobledger_services_pb2_grpc as svc_grpc
 from protos import jobmanager_internal_pb2 as fpb
@@ -36,6 +36,17 @@ SERVICE_NAMES = (
 )
 
 
+MEMORY_LOG = ":memory:"
+
+
+def open_log(db_path: str) -> EventLog:
+    """Return the log at ``db_path``; ":memory:" is a log without durability,
+    for benchmarks that measure what durability costs."""
+    if db_path == MEMORY_LOG:
+        return MemoryEventLog()
+    return SqliteEventLog(db_path)
+
+
 class Coordinator:
     """One coordinator process's parts, started and stopped together.
 
@@ -43,9 +54,9 @@ class Coordinator:
     background. ``stop`` is idempotent.
     """
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(self, config: CoordinatorConfig, log: EventLog | None = None) -> None:
         self.config = config
-        self.log = SqliteEventLog(config.db_path)
+        self.log = log if log is not None else open_log(config.db_path)
         self.port = 0
         self.address = ""
         self.engine: Engine | None = None
