@@ -86,17 +86,20 @@ def _batch_insert_sql(rows: int) -> str:
     The statement is its own transaction. It inserts every row or none: the
     uncorrelated subqueries are evaluated once, and the batch lands only when
     the lease's epoch is the writer's and the log ends at the seq the writer
-    expects, so a batch never lands after an earlier one failed.
+    expects, so a batch never lands after an earlier one failed. Each row's
+    seq is that expected end plus its position in the batch.
     sqlite_sequence keeps the highest seq ever assigned, even after
     compaction empties the table, so seqs are never reused.
+
+    Parameters: the expected end, the epoch, a (type, body) pair per row,
+    the epoch again and the expected end again.
     """
-    values = ",".join(f"({i},?,?)" for i in range(rows))
+    values = ",".join(f"({i},?,?)" for i in range(1, rows + 1))
     return (
-        "INSERT INTO events (epoch, type, body)"
-        f" SELECT ?, column2, column3 FROM (VALUES {values})"
+        "INSERT INTO events (seq, epoch, type, body)"
+        f" SELECT ? + column1, ?, column2, column3 FROM (VALUES {values})"
         " WHERE (SELECT epoch FROM lease WHERE id = 1) = ?"
         " AND coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0) = ?"
-        " ORDER BY column1 RETURNING seq"
     )
 
 
@@ -105,7 +108,9 @@ class _PendingAppend:
     """One caller's batch, waiting for the writer task."""
 
     epoch: int
-    rows: list[tuple[str, bytes]]
+    # Flat (type, body) pairs, ready to bind to the insert statement.
+    params: list[object]
+    count: int
     future: asyncio.Future[list[int]]
 
 
@@ -284,7 +289,7 @@ class SqliteEventLog(EventLog):
         if epoch in self._poisoned_epochs:
             raise _poisoned(epoch)
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_PendingAppend(epoch, _encode(events), future))
+        self._queue.append(_PendingAppend(epoch, _encode(events), len(events), future))
         self._wakeup.set()
         return await future
 
@@ -296,7 +301,7 @@ class SqliteEventLog(EventLog):
             self._wakeup.clear()
             while self._queue:
                 batch = self._take_batch()
-                count = sum(len(append.rows) for append in batch)
+                count = sum(append.count for append in batch)
                 expected_tail = self._tail_seq
                 self._tail_seq += count
                 await self._commit(batch, expected_tail)
@@ -305,41 +310,39 @@ class SqliteEventLog(EventLog):
         # A batch never mixes two epochs: each is fenced by its own.
         first = self._queue.popleft()
         batch = [first]
-        count = len(first.rows)
+        count = first.count
         while self._queue:
             head = self._queue[0]
             if head.epoch != first.epoch:
                 break
-            if count + len(head.rows) > self._max_batch_events:
+            if count + head.count > self._max_batch_events:
                 break
             batch.append(self._queue.popleft())
-            count += len(head.rows)
+            count += head.count
         return batch
 
     async def _commit(self, batch: list[_PendingAppend], expected_tail: int) -> None:
         epoch = batch[0].epoch
-        params: list[object] = [epoch]
+        params: list[object] = [expected_tail, epoch]
         for append in batch:
-            for type_name, body in append.rows:
-                params.append(type_name)
-                params.append(body)
+            params.extend(append.params)
         params.append(epoch)
         params.append(expected_tail)
-        count = (len(params) - 3) // 2
+        count = (len(params) - 4) // 2
         try:
             if epoch in self._poisoned_epochs:
                 raise _poisoned(epoch)
-            rows = await _fetchall(
-                self._conn(self._writer), _batch_insert_sql(count), params
+            cursor = await self._conn(self._writer).execute(
+                _batch_insert_sql(count), params
             )
-            if len(rows) != count:
+            if cursor.rowcount != count:
                 raise await self._rejection(epoch, expected_tail)
         except (EventLogError, sqlite3.Error) as exc:
             await self._fail_commit(batch, epoch, exc)
             return
-        seq = min(row[0] for row in rows)
+        seq = expected_tail + 1
         for append in batch:
-            n = len(append.rows)
+            n = append.count
             if not append.future.done():
                 append.future.set_result(list(range(seq, seq + n)))
             seq += n
@@ -360,7 +363,9 @@ class SqliteEventLog(EventLog):
     async def _fail_commit(
         self, batch: list[_PendingAppend], epoch: int, exc: Exception
     ) -> None:
-        self._poisoned_epochs.add(epoch)
+        if not isinstance(exc, FencedError):
+            # A fenced epoch needs no mark: the log rejects it by itself.
+            self._poisoned_epochs.add(epoch)
         self._tail_seq = await self.last_seq()
         if isinstance(exc, FencedError):
             logger.warning("%s (%d appends rejected)", exc, len(batch))
@@ -521,8 +526,9 @@ class SqliteEventLog(EventLog):
             elected.leader_elected.address = address
             elected.leader_elected.epoch = new_epoch
             elected.timestamp.FromMilliseconds(now)
-            ((type_name, body),) = _encode([elected])
-            ((seq,),) = await _fetchall(conn, _INSERT_ONE, (new_epoch, type_name, body))
+            ((seq,),) = await _fetchall(
+                conn, _INSERT_ONE, [new_epoch, *_encode([elected])]
+            )
         self._tail_seq = seq
         logger.info(
             "lease acquired by %s at epoch %d in %s", holder, new_epoch, self.path
@@ -588,8 +594,8 @@ class SqliteEventLog(EventLog):
             await conn.execute("COMMIT")
 
 
-def _encode(events: Sequence[pb.Event]) -> list[tuple[str, bytes]]:
-    """Serialize envelopes for storage as (type, body) rows.
+def _encode(events: Sequence[pb.Event]) -> list[object]:
+    """Serialize envelopes for storage as a flat list of (type, body) pairs.
 
     The seq and epoch columns are authoritative: whatever the envelope says
     of them is overwritten when it is read back. An envelope without a
@@ -597,19 +603,20 @@ def _encode(events: Sequence[pb.Event]) -> list[tuple[str, bytes]]:
     protobuf parses as if it had been set, so the caller's message is not
     copied or changed.
     """
-    rows = []
-    stamp: bytes | None = None
+    params: list[object] = []
     for event in events:
-        type_name = event_type(event)
+        type_name = event.WhichOneof("body")
+        if type_name is None:
+            event_type(event)
         body = event.SerializeToString()
         if not event.HasField("timestamp"):
-            if stamp is None:
-                stamp = _timestamp_field(now_ms())
-            body += stamp
-        rows.append((type_name, body))
-    return rows
+            body += _timestamp_field(now_ms())
+        params.append(type_name)
+        params.append(body)
+    return params
 
 
+@functools.lru_cache(maxsize=4)
 def _timestamp_field(millis: int) -> bytes:
     holder = pb.Event()
     holder.timestamp.FromMilliseconds(millis)
