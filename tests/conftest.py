@@ -17,7 +17,9 @@ from tests.harness import (
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+async def cluster(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Cluster]:
     """A coordinator on a fresh log; afterwards its log must replay to the
     live state, field by field."""
     marker = request.node.get_closest_marker("coordinator")

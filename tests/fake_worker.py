@@ -68,7 +68,9 @@ class FakeWorker(
         """Return the requests of every recorded call of ``method``."""
         return [call.request for call in self.calls if call.method == method]
 
-    async def wait_for(self, method: str, count: int = 1, timeout: float = 10) -> list[Any]:
+    async def wait_for(
+        self, method: str, count: int = 1, timeout: float = 10
+    ) -> list[Any]:
         """Wait until ``method`` was called ``count`` times; return the requests."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: len(self.of(method)) >= count)

@@ -90,7 +90,9 @@ class Cluster:
         assert self.coordinator.engine is not None
         return self.coordinator.engine.state
 
-    async def add_worker(self, tm_id: str, slots: int = 4, incarnation: int = 1) -> FakeWorker:
+    async def add_worker(
+        self, tm_id: str, slots: int = 4, incarnation: int = 1
+    ) -> FakeWorker:
         worker = FakeWorker(tm_id)
         await worker.start()
         self.workers[tm_id] = worker
@@ -106,7 +108,9 @@ class Cluster:
         return worker
 
     async def submit(self, graph: fpb.JobGraph | None = None) -> str:
-        reply = await self.jm.SubmitJob(fpb.SubmitJobRequest(job_graph=graph or pipeline()))
+        reply = await self.jm.SubmitJob(
+            fpb.SubmitJobRequest(job_graph=graph or pipeline())
+        )
         return reply.job_id
 
     async def wait(self, predicate: Any, timeout: float = 10.0) -> None:
@@ -117,8 +121,12 @@ class Cluster:
 
     async def wait_running(self, job_id: str) -> None:
         await self.wait(
-            lambda s: s.jobs[job_id].status == pb.JOB_RUNNING
-            and all(t.status == pb.TASK_RUNNING for t in s.jobs[job_id].tasks.values())
+            lambda s: (
+                s.jobs[job_id].status == pb.JOB_RUNNING
+                and all(
+                    t.status == pb.TASK_RUNNING for t in s.jobs[job_id].tasks.values()
+                )
+            )
         )
 
     async def ack_all(self, job_id: str, checkpoint_id: int, handle: str = "h") -> None:
@@ -185,6 +193,8 @@ def assert_same_state(live: pb.CoordinatorState, replayed: pb.CoordinatorState) 
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             assert sorted(a) == sorted(b), f"{field.name}: keys differ"
             for key in a:
-                assert a[key] == b[key], f"{field.name}[{key!r}] differs:\n{a[key]}\nvs\n{b[key]}"
+                assert a[key] == b[key], (
+                    f"{field.name}[{key!r}] differs:\n{a[key]}\nvs\n{b[key]}"
+                )
         else:
             assert a == b, f"{field.name} differs: {a!r} vs {b!r}"

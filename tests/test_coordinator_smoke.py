@@ -14,7 +14,9 @@ async def test_job_runs_and_checkpoints(cluster: Cluster) -> None:
     await cluster.wait_running(job_id)
     deployed = worker.of("DeployTask")
     assert len(deployed) == 3
-    reply = await cluster.jm.RequestCheckpoint(fpb.RequestCheckpointRequest(job_id=job_id))
+    reply = await cluster.jm.RequestCheckpoint(
+        fpb.RequestCheckpointRequest(job_id=job_id)
+    )
     assert reply.accepted
     (cid,) = reply.checkpoint_ids
     await worker.wait_for("TriggerTaskCheckpoint")
