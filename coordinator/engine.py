@@ -74,6 +74,9 @@ class Engine:
         self.effect_sink = effect_sink
         self._rng = rng or random.Random()
         self.state = pb.CoordinatorState()
+        # The state as it was when this coordinator last stopped leading,
+        # kept for inspection only.
+        self.last_state = self.state
         self.lease: Lease | None = None
         self.leader_address = ""
         self._durable_seq = 0
@@ -126,6 +129,7 @@ class Engine:
             reason,
         )
         self.lease = None
+        self.last_state = self.state
         self.state = pb.CoordinatorState()
         self.lost.set()
 

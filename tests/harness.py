@@ -165,18 +165,15 @@ async def start_cluster(path: Path, **overrides: Any) -> Cluster:
 
 
 async def stop_cluster(cluster: Cluster) -> pb.CoordinatorState:
-    """Stop everything and return the live state as it was at the end."""
+    """Stop everything and return the live state as it was when the
+    coordinator stopped leading."""
     engine = cluster.coordinator.engine
     assert engine is not None
-    live = pb.CoordinatorState()
-    if engine.is_leader:
-        await engine.wait_durable(engine.state.applied_seq)
-        live.CopyFrom(engine.state)
     await cluster.channel.close()
     await cluster.coordinator.stop()
     for worker in cluster.workers.values():
         await worker.stop()
-    return live
+    return engine.last_state
 
 
 async def replayed_state(path: Path) -> pb.CoordinatorState:
