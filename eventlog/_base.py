@@ -139,7 +139,11 @@ class EventLog(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Close the log; appends still waiting fail. Safe to call twice."""
+        """Close the log. Safe to call twice.
+
+        Appends already waiting are committed first; appends made after
+        ``close`` began raise LogClosedError.
+        """
 
     @abc.abstractmethod
     async def append(self, events: Sequence[pb.Event], epoch: int) -> list[int]:

@@ -53,6 +53,8 @@ class MemoryEventLog(EventLog):
         self._check_open()
         if epoch != self._lease.epoch:
             raise FencedError(epoch, self._lease.epoch)
+        for event in events:
+            event_type(event)
         stamp = now_ms()
         seqs = [self._store(event, epoch, stamp) for event in events]
         async with self._committed:
@@ -60,7 +62,6 @@ class MemoryEventLog(EventLog):
         return seqs
 
     def _store(self, event: pb.Event, epoch: int, stamp: int) -> int:
-        event_type(event)
         stored = pb.Event()
         stored.CopyFrom(event)
         stored.seq = self._first_seq + len(self._events)
@@ -71,31 +72,43 @@ class MemoryEventLog(EventLog):
         return stored.seq
 
     async def read(self, from_seq: int = 1) -> AsyncIterator[pb.Event]:
-        index = self._index(from_seq)
-        while index < len(self._events):
-            yield self._events[index]
-            index += 1
+        seq = self._start(from_seq)
+        while (event := self._at(seq)) is not None:
+            yield event
+            seq += 1
 
     async def follow(self, from_seq: int = 1) -> AsyncIterator[pb.Event]:
-        index = self._index(from_seq)
+        seq = self._start(from_seq)
         while True:
-            while index < len(self._events):
-                yield self._events[index]
-                index += 1
+            while (event := self._at(seq)) is not None:
+                yield event
+                seq += 1
             async with self._committed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._committed.wait(), 1.0)
 
-    def _index(self, from_seq: int) -> int:
+    def _start(self, from_seq: int) -> int:
         self._check_open()
-        if from_seq < self._first_seq and self._first_seq > 1:
-            raise CompactedError(from_seq, self._first_seq - 1)
-        return max(from_seq, 1) - self._first_seq
+        seq = max(from_seq, 1)
+        if seq < self._first_seq:
+            raise CompactedError(seq, self._first_seq - 1)
+        return seq
+
+    def _at(self, seq: int) -> pb.Event | None:
+        """Return the event at ``seq``, None past the end; raise CompactedError
+        when compaction deleted it meanwhile."""
+        self._check_open()
+        if seq < self._first_seq:
+            raise CompactedError(seq, self._first_seq - 1)
+        index = seq - self._first_seq
+        return self._events[index] if index < len(self._events) else None
 
     async def last_seq(self) -> int:
+        self._check_open()
         return self._first_seq + len(self._events) - 1
 
     async def save_snapshot(self, snapshot: pb.Snapshot) -> None:
+        self._check_open()
         last = await self.last_seq()
         if snapshot.seq > last:
             raise ValueError(
@@ -106,6 +119,7 @@ class MemoryEventLog(EventLog):
             self._snapshot.CopyFrom(snapshot)
 
     async def load_snapshot(self) -> pb.Snapshot | None:
+        self._check_open()
         if self._snapshot is None:
             return None
         copy = pb.Snapshot()
@@ -113,6 +127,7 @@ class MemoryEventLog(EventLog):
         return copy
 
     async def compact(self, keep_tail: int = 0) -> int:
+        self._check_open()
         if keep_tail < 0:
             raise ValueError(f"keep_tail must be 0 or more, got {keep_tail}")
         if self._snapshot is None:
@@ -126,6 +141,7 @@ class MemoryEventLog(EventLog):
     async def acquire_lease(
         self, holder: str, address: str, duration_s: float
     ) -> Lease | None:
+        self._check_open()
         if not holder:
             raise ValueError("lease holder must not be empty")
         now = now_ms()
@@ -142,6 +158,7 @@ class MemoryEventLog(EventLog):
         return lease
 
     async def renew_lease(self, lease: Lease, duration_s: float) -> Lease | None:
+        self._check_open()
         current = self._lease
         if current.holder != lease.holder or current.epoch != lease.epoch:
             return None
@@ -150,9 +167,11 @@ class MemoryEventLog(EventLog):
         return dataclasses.replace(lease, expires_ms=expires)
 
     async def release_lease(self, lease: Lease) -> None:
+        self._check_open()
         current = self._lease
         if current.holder == lease.holder and current.epoch == lease.epoch:
             self._lease = dataclasses.replace(current, holder="", expires_ms=0)
 
     async def leader(self) -> LeaderInfo:
+        self._check_open()
         return self._lease

@@ -77,6 +77,15 @@ _PAGE_QUERY = (
     "SELECT seq, epoch, type, body FROM events WHERE seq >= ? ORDER BY seq LIMIT ?"
 )
 _LAST_SEQ_QUERY = "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+_FENCE_QUERY = (
+    "SELECT (SELECT epoch FROM lease WHERE id = 1),"
+    " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
+)
+_INSERT_EXPLICIT = "INSERT INTO events (seq, epoch, type, body) VALUES (?, ?, ?, ?)"
+# Rows of one group-commit statement: two bound parameters each, far below
+# SQLite's default limit of 32,766 parameters. Larger batches are written
+# as a transaction of several statements.
+_STATEMENT_ROWS = 4096
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,6 +167,7 @@ class SqliteEventLog(EventLog):
         # decided on state that included the lost events, so none may land.
         # Taking the lease again starts a new epoch.
         self._poisoned_epochs: set[int] = set()
+        self._closing = False
         self._closed = False
 
     # ------------------------------------------------------------ lifecycle
@@ -167,8 +177,11 @@ class SqliteEventLog(EventLog):
             return
         self._check_not_closed()
         try:
-            self._control = await self._connect()
+            # The file is checked before anything changes it: WAL mode is
+            # switched on only once it is known to be a jobledger log.
+            self._control = await self._connect(wal=False)
             await self._init_schema(self._control)
+            await self._use_wal(self._control)
             self._writer = await self._connect()
             self._reader = await self._connect()
         except sqlite3.DatabaseError as exc:
@@ -184,18 +197,26 @@ class SqliteEventLog(EventLog):
         logger.info("event log opened: %s (last seq %d)", self.path, self._tail_seq)
 
     async def close(self) -> None:
-        if self._closed:
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True
         if self._writer_task is not None:
+            # Appends already handed over are committed first, within a bound;
+            # new ones are rejected from here on.
+            self._wakeup.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer_task), 5.0)
+            except TimeoutError:
+                logger.warning("event log %s closed with appends unwritten", self.path)
             self._writer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer_task
+        self._closed = True
         self._fail_pending(LogClosedError(f"event log {self.path} was closed"))
         await self._close_connections()
         logger.info("event log closed: %s", self.path)
 
-    async def _connect(self) -> aiosqlite.Connection:
+    async def _connect(self, *, wal: bool = True) -> aiosqlite.Connection:
         # isolation_level=None: autocommit, so each group-commit statement is
         # its own transaction and others are begun explicitly.
         conn = await aiosqlite.connect(
@@ -203,12 +224,17 @@ class SqliteEventLog(EventLog):
         )
         try:
             await conn.execute("PRAGMA busy_timeout = 10000")
-            await conn.execute("PRAGMA journal_mode = WAL")
-            await conn.execute("PRAGMA synchronous = FULL")
+            if wal:
+                await self._use_wal(conn)
         except BaseException:
             await conn.close()
             raise
         return conn
+
+    @staticmethod
+    async def _use_wal(conn: aiosqlite.Connection) -> None:
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = FULL")
 
     async def _init_schema(self, conn: aiosqlite.Connection) -> None:
         await conn.execute("BEGIN IMMEDIATE")
@@ -284,6 +310,8 @@ class SqliteEventLog(EventLog):
 
     async def append(self, events: Sequence[pb.Event], epoch: int) -> list[int]:
         self._conn(self._writer)
+        if self._closing:
+            raise LogClosedError(f"event log {self.path} is closing")
         if not events:
             return []
         if epoch in self._poisoned_epochs:
@@ -297,6 +325,8 @@ class SqliteEventLog(EventLog):
         # Appends that arrive while a commit runs wait here and form the next
         # batch, so a commit's cost is shared by every caller of its batch.
         while True:
+            if self._closing and not self._queue:
+                return
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
@@ -323,19 +353,15 @@ class SqliteEventLog(EventLog):
 
     async def _commit(self, batch: list[_PendingAppend], expected_tail: int) -> None:
         epoch = batch[0].epoch
-        params: list[object] = [expected_tail, epoch]
-        for append in batch:
-            params.extend(append.params)
-        params.append(epoch)
-        params.append(expected_tail)
-        count = (len(params) - 4) // 2
+        count = sum(append.count for append in batch)
         try:
             if epoch in self._poisoned_epochs:
                 raise _poisoned(epoch)
-            cursor = await self._conn(self._writer).execute(
-                _batch_insert_sql(count), params
-            )
-            if cursor.rowcount != count:
+            if count <= _STATEMENT_ROWS:
+                landed = await self._insert_statement(batch, epoch, expected_tail)
+            else:
+                landed = await self._insert_transaction(batch, epoch, expected_tail)
+            if not landed:
                 raise await self._rejection(epoch, expected_tail)
         except (EventLogError, sqlite3.Error) as exc:
             await self._fail_commit(batch, epoch, exc)
@@ -348,6 +374,48 @@ class SqliteEventLog(EventLog):
             seq += n
         async with self._committed:
             self._committed.notify_all()
+
+    async def _insert_statement(
+        self, batch: list[_PendingAppend], epoch: int, expected_tail: int
+    ) -> bool:
+        params: list[object] = [expected_tail, epoch]
+        for append in batch:
+            params.extend(append.params)
+        params.append(epoch)
+        params.append(expected_tail)
+        count = (len(params) - 4) // 2
+        conn = self._conn(self._writer)
+        cursor = await conn.execute(_batch_insert_sql(count), params)
+        return bool(cursor.rowcount == count)
+
+    async def _insert_transaction(
+        self, batch: list[_PendingAppend], epoch: int, expected_tail: int
+    ) -> bool:
+        """Write a batch too large for one statement's parameters.
+
+        Only the writer task uses the writer connection, one commit at a
+        time, so the transaction's statements cannot interleave with others.
+        """
+        conn = self._conn(self._writer)
+        rows: list[tuple[object, ...]] = []
+        seq = expected_tail
+        for append in batch:
+            pairs = append.params
+            for i in range(0, len(pairs), 2):
+                seq += 1
+                rows.append((seq, epoch, pairs[i], pairs[i + 1]))
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            ((log_epoch, last_seq),) = await _fetchall(conn, _FENCE_QUERY)
+            if log_epoch != epoch or last_seq != expected_tail:
+                await _rollback(conn)
+                return False
+            await conn.executemany(_INSERT_EXPLICIT, rows)
+            await conn.execute("COMMIT")
+        except BaseException:
+            await _rollback(conn)
+            raise
+        return True
 
     async def _rejection(self, epoch: int, expected_tail: int) -> EventLogError:
         """Explain why a fenced batch statement inserted nothing."""
@@ -398,9 +466,6 @@ class SqliteEventLog(EventLog):
         next_seq = await self._check_compacted(from_seq)
         while True:
             page = await self._fetch_page(next_seq)
-            if page and page[0].seq != next_seq:
-                # Seqs have no gaps, so a jump means compaction overtook us.
-                raise CompactedError(next_seq, await self._compacted_through())
             for event in page:
                 yield event
             if page:
@@ -414,9 +479,13 @@ class SqliteEventLog(EventLog):
                     )
 
     async def _fetch_page(self, from_seq: int) -> list[pb.Event]:
+        """Fetch the events from ``from_seq`` on; raise CompactedError when
+        compaction deleted ``from_seq`` meanwhile (seqs have no gaps)."""
         rows = await _fetchall(
             self._conn(self._reader), _PAGE_QUERY, (from_seq, self._page_size)
         )
+        if rows and rows[0][0] != from_seq:
+            raise CompactedError(from_seq, await self._compacted_through())
         return [
             _decode(seq, epoch, type_name, body) for seq, epoch, type_name, body in rows
         ]
