@@ -277,6 +277,8 @@ def decide_acknowledge(
     and InvalidArgument for a task the checkpoint does not wait for.
     """
     checkpoint = _known_checkpoint(ctx.state, job_id, checkpoint_id)
+    owner = checkpoint.job_id if checkpoint is not None else job_id
+    ack = _with_task_manager(ctx.state, owner, ack)
     if checkpoint is None or checkpoint.status == pb.CHECKPOINT_FAILED:
         return _late(ctx.state, checkpoint_id, ack)
     if ack.task_id not in checkpoint.tasks_to_acknowledge:
@@ -318,6 +320,29 @@ def _known_checkpoint(
             f"not to job {job_id}"
         )
     return checkpoint
+
+
+def _with_task_manager(
+    state: pb.CoordinatorState, job_id: str, ack: pb.TaskAcknowledgement
+) -> pb.TaskAcknowledgement:
+    """Fill in the task manager of an acknowledgement that names none.
+
+    ReportStateCompletion carries no task manager id, and without one the
+    snapshot handle could never be released, so the task manager the task
+    is placed on now is recorded instead.
+    """
+    # NOTE: after a restart that moved the task, the current placement may
+    # not be the worker that wrote the snapshot.
+    if ack.task_manager_id:
+        return ack
+    job = state.jobs.get(job_id)
+    task = job.tasks.get(ack.task_id) if job is not None else None
+    if task is None or not task.task_manager_id:
+        return ack
+    filled = pb.TaskAcknowledgement()
+    filled.CopyFrom(ack)
+    filled.task_manager_id = task.task_manager_id
+    return filled
 
 
 def _late(

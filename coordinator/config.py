@@ -16,8 +16,6 @@ class CheckpointConfig:
     max_concurrent: int = 1
     tolerable_failed: int = 0
     retained: int = 1
-    # Failed and discarded checkpoints kept per job for the admin listing.
-    history: int = 10
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

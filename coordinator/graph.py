@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from google.protobuf import json_format
 
@@ -20,6 +21,7 @@ def validate(graph: fpb.JobGraph, max_parallelism: int) -> None:
     vertices = _check_vertices(graph, max_parallelism)
     edges = _check_edges(graph, vertices)
     _check_edge_lists(graph, edges)
+    _check_inputs(graph, vertices, edges)
     _check_acyclic(graph)
 
 
@@ -121,6 +123,41 @@ def _check_edge_lists(graph: fpb.JobGraph, edges: Mapping[str, fpb.JobEdge]) -> 
             )
 
 
+def _check_inputs(
+    graph: fpb.JobGraph,
+    vertices: Mapping[str, fpb.JobVertex],
+    edges: Mapping[str, fpb.JobEdge],
+) -> None:
+    """Reject graphs in which a subtask other than a source gets no input.
+
+    Only sources are triggered, so such a subtask never receives a barrier
+    and no checkpoint of the job could complete.
+    """
+    for vertex in graph.vertices:
+        if vertex.vertex_type != fpb.SOURCE and not vertex.input_edge_ids:
+            raise InvalidArgument(
+                f"vertex {vertex.id!r} has no input edges; only a SOURCE vertex "
+                "may have none"
+            )
+    for edge in edges.values():
+        upstream = vertices[edge.source_vertex_id]
+        target = vertices[edge.target_vertex_id]
+        # FORWARD sends subtask i to subtask i % target parallelism, so a
+        # larger target parallelism leaves the higher target subtasks idle.
+        if (
+            edge.shuffle_mode == fpb.FORWARD
+            and target.parallelism > upstream.parallelism
+        ):
+            raise InvalidArgument(
+                f"FORWARD edge {edge.id!r} goes from parallelism "
+                f"{upstream.parallelism} of {upstream.id!r} to "
+                f"{target.parallelism} of {target.id!r}, so subtasks "
+                f"{upstream.parallelism} and up of {target.id!r} would get no "
+                "input; give both vertices the same parallelism, or use HASH, "
+                "BROADCAST or RESCALE"
+            )
+
+
 def _check_acyclic(graph: fpb.JobGraph) -> None:
     successors: dict[str, list[str]] = {vertex.id: [] for vertex in graph.vertices}
     for edge in graph.edges:
@@ -164,7 +201,20 @@ def _config_bytes(definition: fpb.OperatorDefinition) -> bytes:
     if not definition.HasField("configuration"):
         return b"{}"
     as_dict = json_format.MessageToDict(definition.configuration)
-    return json.dumps(as_dict, sort_keys=True).encode()
+    return json.dumps(_integral(as_dict), sort_keys=True).encode()
+
+
+def _integral(value: Any) -> Any:
+    """Turn whole numbers back into ints: a Struct stores every number as a
+    double, and an operator expecting an integer setting should get 2, not
+    2.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    return value
 
 
 def build_descriptor(

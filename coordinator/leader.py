@@ -172,7 +172,9 @@ class _Timers:
     async def run_due(self, now: int) -> None:
         engine = self._engine
         if now >= self._next_heartbeat_check:
-            self._next_heartbeat_check = now + 1000
+            self._next_heartbeat_check = now + min(
+                1000, int(self._config.heartbeat_interval_s * 1000)
+            )
             await engine.execute(
                 taskmanagers.decide_check_heartbeats, engine.state.leader_since_ms
             )

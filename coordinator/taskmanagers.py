@@ -123,15 +123,20 @@ def decide_register(ctx: Context, request: fpb.RegisterTaskManagerRequest) -> De
     tm_id = request.task_manager_id
     current = ctx.state.task_managers.get(tm_id)
     events: list[pb.Event] = []
-    if current is not None and current.status == pb.TASK_MANAGER_ALIVE:
-        if 0 < request.incarnation < current.incarnation:
-            raise FailedPrecondition(
-                f"registration of task manager {tm_id} incarnation "
-                f"{request.incarnation} is stale: incarnation {current.incarnation} "
-                "registered since"
-            )
-        if request.incarnation == 0 or request.incarnation != current.incarnation:
-            events += lost_events(ctx.state, current, "a new process registered")
+    # A lost registration still records the newest incarnation seen, so a
+    # delayed registration of an older process stays stale after the loss.
+    if current is not None and 0 < request.incarnation < current.incarnation:
+        raise FailedPrecondition(
+            f"registration of task manager {tm_id} incarnation "
+            f"{request.incarnation} is stale: incarnation {current.incarnation} "
+            "registered since"
+        )
+    if (
+        current is not None
+        and current.status == pb.TASK_MANAGER_ALIVE
+        and (request.incarnation == 0 or request.incarnation != current.incarnation)
+    ):
+        events += lost_events(ctx.state, current, "a new process registered")
     registered = pb.TaskManagerRegistered(
         task_manager_id=tm_id,
         address=request.address,

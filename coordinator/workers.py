@@ -35,6 +35,7 @@ from coordinator.decision import (
 )
 from coordinator.engine import Engine
 from coordinator.errors import NotLeader
+from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2_grpc as svc_grpc
 from protos import jobmanager_internal_pb2_grpc as fpb_grpc
 
@@ -130,8 +131,13 @@ class WorkerCalls:
         epoch: int,
         call: Callable[[tuple[tuple[str, str], ...]], Awaitable[Any]],
         timeout_s: float,
+        still_needed: Callable[[], bool] = lambda: True,
     ) -> Any:
-        """Make one call with retries on transient failures, while at ``epoch``."""
+        """Make one call with retries on transient failures, while at ``epoch``.
+
+        Raises EpochChanged once the leadership moved on or ``still_needed``
+        says the call has become pointless.
+        """
         metadata = ((EPOCH_METADATA_KEY, str(epoch)),)
         retrying = AsyncRetrying(
             stop=stop_after_delay(timeout_s),
@@ -141,7 +147,7 @@ class WorkerCalls:
         )
         async for attempt in retrying:
             with attempt:
-                if self._engine.epoch != epoch:
+                if self._engine.epoch != epoch or not still_needed():
                     raise EpochChanged()
                 return await call(metadata)
         raise AssertionError("tenacity ended without a result")
@@ -185,6 +191,7 @@ class WorkerCalls:
                 epoch,
                 lambda md: stub.TriggerTaskCheckpoint(request, metadata=md, timeout=5),
                 min(self._config.worker_call_timeout_s, 10.0),
+                still_needed=lambda: self._pending(request.checkpoint_id),
             )
             reason = "" if response.acknowledged else "the task manager rejected it"
         except grpc.aio.AioRpcError as exc:
@@ -204,6 +211,10 @@ class WorkerCalls:
                 effect.task_manager_id,
                 reason,
             )
+
+    def _pending(self, checkpoint_id: int) -> bool:
+        checkpoint = self._engine.state.checkpoints.get(checkpoint_id)
+        return checkpoint is not None and checkpoint.status == pb.CHECKPOINT_PENDING
 
     async def _notify(
         self,
