@@ -15,14 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import (
-    BACKENDS,
-    LogFactory,
-    lost,
-    read_all,
-    registered,
-    run_append_loop,
-)
 
 from eventlog import (
     AppendError,
@@ -37,6 +29,14 @@ from eventlog import (
     now_ms,
 )
 from protos import jobledger_events_pb2 as pb
+from tests.helpers import (
+    BACKENDS,
+    LogFactory,
+    lost_event,
+    read_all,
+    registered_event,
+    run_append_loop,
+)
 
 LONG_LEASE_S = 30.0
 SHORT_LEASE_S = 0.2
@@ -63,7 +63,7 @@ async def wait_until_expired(log: EventLog) -> None:
         await asyncio.sleep(0.05)
 
 
-def tm_ids(events: list[pb.Event]) -> list[str]:
+def registered_ids(events: list[pb.Event]) -> list[str]:
     return [
         event.task_manager_registered.task_manager_id
         for event in events
@@ -128,7 +128,7 @@ async def test_takeover_after_expiry_fences_writer(logs: LogFactory) -> None:
     writer_b = await logs.open()
     lease_a = await writer_a.acquire_lease("a", "127.0.0.1:1", SHORT_LEASE_S)
     assert lease_a is not None
-    await writer_a.append([registered("before-takeover")], lease_a.epoch)
+    await writer_a.append([registered_event("before-takeover")], lease_a.epoch)
     await wait_until_expired(writer_b)
 
     lease_b = await writer_b.acquire_lease("b", "127.0.0.1:2", LONG_LEASE_S)
@@ -138,12 +138,14 @@ async def test_takeover_after_expiry_fences_writer(logs: LogFactory) -> None:
 
     for attempt in range(3):
         with pytest.raises(FencedError) as raised:
-            await writer_a.append([registered(f"fenced-{attempt}")], lease_a.epoch)
+            await writer_a.append(
+                [registered_event(f"fenced-{attempt}")], lease_a.epoch
+            )
         assert raised.value.writer_epoch == lease_a.epoch
         assert raised.value.log_epoch == lease_b.epoch
 
     assert await writer_b.last_seq() == last_before
-    assert tm_ids(await read_all(writer_b)) == ["before-takeover"]
+    assert registered_ids(await read_all(writer_b)) == ["before-takeover"]
     assert await writer_a.renew_lease(lease_a, LONG_LEASE_S) is None
     assert (await writer_b.leader()).holder == "b"
 
@@ -160,8 +162,8 @@ async def test_takeover_after_release(logs: LogFactory) -> None:
     assert lease_b is not None
     assert lease_b.epoch == lease_a.epoch + 1
     with pytest.raises(FencedError):
-        await writer_a.append([registered("after-release")], lease_a.epoch)
-    assert tm_ids(await read_all(writer_b)) == []
+        await writer_a.append([registered_event("after-release")], lease_a.epoch)
+    assert registered_ids(await read_all(writer_b)) == []
 
 
 async def test_release_after_takeover_keeps_leader(logs: LogFactory) -> None:
@@ -204,7 +206,9 @@ async def test_epochs_grow_by_one(logs: LogFactory) -> None:
             lease = await writer.acquire_lease(holder, f"127.0.0.1:{round_number}", 30)
             assert lease is not None
             epochs.append(lease.epoch)
-            await writer.append([registered(f"{holder}-{lease.epoch}")], lease.epoch)
+            await writer.append(
+                [registered_event(f"{holder}-{lease.epoch}")], lease.epoch
+            )
             await writer.release_lease(lease)
 
     assert epochs == [1, 2, 3, 4, 5, 6]
@@ -226,8 +230,8 @@ async def test_reacquire_by_holder_fences_old_epoch(log: EventLog) -> None:
     assert second is not None
     assert second.epoch == first.epoch + 1
     with pytest.raises(FencedError):
-        await log.append([registered("old-epoch")], first.epoch)
-    seqs = await log.append([registered("new-epoch")], second.epoch)
+        await log.append([registered_event("old-epoch")], first.epoch)
+    seqs = await log.append([registered_event("new-epoch")], second.epoch)
     assert seqs == [3]
     assert await log.renew_lease(first, LONG_LEASE_S) is None
 
@@ -237,7 +241,7 @@ async def test_fencing_across_processes(tmp_path: Path) -> None:
     async with SqliteEventLog(path) as writer_a:
         lease_a = await writer_a.acquire_lease("a", "127.0.0.1:1", SHORT_LEASE_S)
         assert lease_a is not None
-        await writer_a.append([registered("a-before")], lease_a.epoch)
+        await writer_a.append([registered_event("a-before")], lease_a.epoch)
         await wait_until_expired(writer_a)
 
         output = await run_append_loop(path, "--holder", "b", "--count", "3")
@@ -245,11 +249,11 @@ async def test_fencing_across_processes(tmp_path: Path) -> None:
         assert output.epoch == lease_a.epoch + 1
         assert output.done
         with pytest.raises(FencedError) as raised:
-            await writer_a.append([registered("a-after")], lease_a.epoch)
+            await writer_a.append([registered_event("a-after")], lease_a.epoch)
         assert raised.value.log_epoch == output.epoch
         assert await writer_a.renew_lease(lease_a, LONG_LEASE_S) is None
         events = await read_all(writer_a)
-        assert tm_ids(events).count("a-after") == 0
+        assert registered_ids(events).count("a-after") == 0
         assert [event.seq for event in events] == [1, 2, 3, 4, 5, 6]
         assert sorted(output.acks) == [4, 5, 6]
         assert (await writer_a.leader()).holder == "b"
@@ -262,20 +266,22 @@ async def test_append_returns_contiguous_seqs(log: EventLog) -> None:
     lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
     assert lease is not None
 
-    first = await log.append([registered("x"), registered("y")], lease.epoch)
-    second = await log.append([registered("z")], lease.epoch)
+    first = await log.append(
+        [registered_event("x"), registered_event("y")], lease.epoch
+    )
+    second = await log.append([registered_event("z")], lease.epoch)
 
     assert first == [2, 3]
     assert second == [4]
     assert await log.last_seq() == 4
-    assert tm_ids(await read_all(log)) == ["x", "y", "z"]
+    assert registered_ids(await read_all(log)) == ["x", "y", "z"]
 
 
 async def test_append_sets_envelope_not_caller(log: EventLog) -> None:
     lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
     assert lease is not None
-    unstamped = registered("unstamped")
-    stamped = registered("stamped")
+    unstamped = registered_event("unstamped")
+    stamped = registered_event("stamped")
     stamped.timestamp.FromMilliseconds(1_000_000)
     before_ms = now_ms()
 
@@ -296,10 +302,10 @@ async def test_append_without_body_writes_nothing(log: EventLog) -> None:
     assert lease is not None
 
     with pytest.raises(ValueError, match="body"):
-        await log.append([registered("valid"), pb.Event()], lease.epoch)
+        await log.append([registered_event("valid"), pb.Event()], lease.epoch)
 
     assert await log.last_seq() == 1
-    assert tm_ids(await read_all(log)) == []
+    assert registered_ids(await read_all(log)) == []
 
 
 async def test_append_empty_batch_returns_empty(log: EventLog) -> None:
@@ -316,7 +322,7 @@ async def test_concurrent_appends_follow_arrival_order(log: EventLog) -> None:
     rng = random.Random(7)
     arrivals: list[int] = []
     batches = [
-        [registered(f"task{task}-{i}") for i in range(rng.randint(1, 5))]
+        [registered_event(f"task{task}-{i}") for i in range(rng.randint(1, 5))]
         for task in range(200)
     ]
 
@@ -350,7 +356,7 @@ async def test_small_group_commits_keep_order(tmp_path: Path) -> None:
         lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
         assert lease is not None
         batches = [
-            [registered(f"{task}-{i}") for i in range(task % 4 + 1)]
+            [registered_event(f"{task}-{i}") for i in range(task % 4 + 1)]
             for task in range(40)
         ]
 
@@ -363,7 +369,7 @@ async def test_small_group_commits_keep_order(tmp_path: Path) -> None:
             for batch in batches
             for event in batch
         ]
-        assert tm_ids(await read_all(log)) == expected_ids
+        assert registered_ids(await read_all(log)) == expected_ids
         flat = [seq for seqs in results for seq in seqs]
         assert flat == list(range(2, 2 + len(expected_ids)))
 
@@ -390,16 +396,20 @@ async def test_failed_commit_fails_whole_batch(tmp_path: Path) -> None:
     async with SqliteEventLog(path) as log:
         lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
         assert lease is not None
-        await log.append([registered("kept")], lease.epoch)
+        await log.append([registered_event("kept")], lease.epoch)
         install_failing_trigger(path, "task_manager_lost")
 
-        # Appends started together share one group commit, and the failing
-        # event is in the first of them.
+        # The failing event is in the first append, so the others share its
+        # group commit or queue behind it, and either way they must fail.
         results = await asyncio.wait_for(
             asyncio.gather(
-                log.append([registered("b1"), lost("b1", "failing")], lease.epoch),
-                log.append([registered("b2")], lease.epoch),
-                log.append([registered("b3"), registered("b4")], lease.epoch),
+                log.append(
+                    [registered_event("b1"), lost_event("b1", "failing")], lease.epoch
+                ),
+                log.append([registered_event("b2")], lease.epoch),
+                log.append(
+                    [registered_event("b3"), registered_event("b4")], lease.epoch
+                ),
                 return_exceptions=True,
             ),
             30,
@@ -408,7 +418,7 @@ async def test_failed_commit_fails_whole_batch(tmp_path: Path) -> None:
         for result in results:
             assert isinstance(result, AppendError)
         assert await log.last_seq() == 2
-        assert tm_ids(await read_all(log)) == ["kept"]
+        assert registered_ids(await read_all(log)) == ["kept"]
 
 
 async def test_failed_commit_poisons_epoch(tmp_path: Path) -> None:
@@ -418,18 +428,18 @@ async def test_failed_commit_poisons_epoch(tmp_path: Path) -> None:
         assert lease is not None
         install_failing_trigger(path, "task_manager_lost")
         with pytest.raises(AppendError):
-            await log.append([lost("x", "failing")], lease.epoch)
+            await log.append([lost_event("x", "failing")], lease.epoch)
         drop_failing_trigger(path, "task_manager_lost")
 
         with pytest.raises(AppendError):
-            await log.append([registered("same-epoch")], lease.epoch)
+            await log.append([registered_event("same-epoch")], lease.epoch)
         assert await log.last_seq() == 1
         assert (await log.leader()).epoch == lease.epoch
 
         new_lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
         assert new_lease is not None
-        assert await log.append([registered("new-epoch")], new_lease.epoch) == [3]
-        assert tm_ids(await read_all(log)) == ["new-epoch"]
+        assert await log.append([registered_event("new-epoch")], new_lease.epoch) == [3]
+        assert registered_ids(await read_all(log)) == ["new-epoch"]
 
 
 async def test_queued_appends_fail_after_failed_commit(tmp_path: Path) -> None:
@@ -443,9 +453,9 @@ async def test_queued_appends_fail_after_failed_commit(tmp_path: Path) -> None:
         # one commit separately and must not land either.
         results = await asyncio.wait_for(
             asyncio.gather(
-                log.append([lost("x", "failing")], lease.epoch),
+                log.append([lost_event("x", "failing")], lease.epoch),
                 *(
-                    log.append([registered(f"queued-{i}")], lease.epoch)
+                    log.append([registered_event(f"queued-{i}")], lease.epoch)
                     for i in range(5)
                 ),
                 return_exceptions=True,
@@ -458,7 +468,7 @@ async def test_queued_appends_fail_after_failed_commit(tmp_path: Path) -> None:
         assert await log.last_seq() == 1
 
 
-async def test_close_fails_appends_in_commit(tmp_path: Path) -> None:
+async def test_close_commits_waiting_appends(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
     log = SqliteEventLog(path)
     await log.open()
@@ -469,17 +479,28 @@ async def test_close_fails_appends_in_commit(tmp_path: Path) -> None:
         # An open write transaction of another connection keeps the group
         # commit waiting on SQLite's busy timeout while close() runs.
         blocker.execute("BEGIN IMMEDIATE")
-        appends = [
-            asyncio.create_task(log.append([registered(f"waiting-{i}")], lease.epoch))
-            for i in range(20)
+        in_commit = [
+            asyncio.create_task(
+                log.append([registered_event(f"in-commit-{i}")], lease.epoch)
+            )
+            for i in range(10)
         ]
         await asyncio.sleep(0.3)
+        queued = [
+            asyncio.create_task(
+                log.append([registered_event(f"queued-{i}")], lease.epoch)
+            )
+            for i in range(10)
+        ]
+        await asyncio.sleep(0.05)
         closing = asyncio.create_task(log.close())
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.1)
+        with pytest.raises(LogClosedError):
+            await log.append([registered_event("after-close")], lease.epoch)
         blocker.execute("ROLLBACK")
         await asyncio.wait_for(closing, 30)
 
-        done, pending = await asyncio.wait(appends, timeout=5)
+        done, pending = await asyncio.wait(in_commit + queued, timeout=5)
         for task in pending:
             task.cancel()
         assert not pending, f"{len(pending)} appends still wait after close()"
@@ -487,15 +508,21 @@ async def test_close_fails_appends_in_commit(tmp_path: Path) -> None:
         blocker.close()
         await log.close()
 
-    acknowledged = [
-        seq for task in done if task.exception() is None for seq in task.result()
-    ]
     for task in done:
-        if task.exception() is not None:
-            assert isinstance(task.exception(), LogClosedError | AppendError)
+        assert task.exception() is None
     async with SqliteEventLog(path) as reopened:
-        stored = {event.seq for event in await read_all(reopened)}
-    assert set(acknowledged) <= stored
+        stored = {
+            event.seq: event.task_manager_registered.task_manager_id
+            for event in await read_all(reopened)
+        }
+    for name, task in zip(
+        [f"in-commit-{i}" for i in range(10)] + [f"queued-{i}" for i in range(10)],
+        in_commit + queued,
+        strict=True,
+    ):
+        (seq,) = task.result()
+        assert stored[seq] == name
+    assert "after-close" not in stored.values()
 
 
 async def test_append_beyond_variable_limit_lands(tmp_path: Path) -> None:
@@ -506,7 +533,7 @@ async def test_append_beyond_variable_limit_lands(tmp_path: Path) -> None:
     async with SqliteEventLog(tmp_path / "events.db") as log:
         lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
         assert lease is not None
-        events = [registered(f"tm{i}") for i in range(count)]
+        events = [registered_event(f"tm{i}") for i in range(count)]
 
         seqs = await log.append(events, lease.epoch)
 
@@ -519,7 +546,7 @@ async def test_reopen_keeps_events_and_lease(tmp_path: Path) -> None:
     async with SqliteEventLog(path) as log:
         lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
         assert lease is not None
-        await log.append([registered("x"), registered("y")], lease.epoch)
+        await log.append([registered_event("x"), registered_event("y")], lease.epoch)
         written = await read_all(log)
 
     async with SqliteEventLog(path) as reopened:
@@ -527,17 +554,22 @@ async def test_reopen_keeps_events_and_lease(tmp_path: Path) -> None:
         leader = await reopened.leader()
         assert leader.holder == "a"
         assert leader.epoch == lease.epoch
-        assert await reopened.append([registered("z")], lease.epoch) == [4]
+        assert await reopened.append([registered_event("z")], lease.epoch) == [4]
 
 
 # ---------------------------------------------------------------- reads
 
 
 async def append_registered(log: EventLog, count: int) -> int:
-    """Take the lease and append ``count`` events; return the epoch."""
+    """Take the lease, append ``count`` events and return the lease's epoch.
+
+    The lease's LeaderElected event is seq 1, so event ``tm<N>`` is seq N.
+    """
     lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
     assert lease is not None
-    await log.append([registered(f"tm{i}") for i in range(2, count + 2)], lease.epoch)
+    await log.append(
+        [registered_event(f"tm{i}") for i in range(2, count + 2)], lease.epoch
+    )
     return lease.epoch
 
 
@@ -547,7 +579,7 @@ async def test_read_from_seq_returns_tail(log: EventLog) -> None:
     events = await read_all(log, 4)
 
     assert [event.seq for event in events] == list(range(4, 11))
-    assert tm_ids(events) == [f"tm{seq}" for seq in range(4, 11)]
+    assert registered_ids(events) == [f"tm{seq}" for seq in range(4, 11)]
 
 
 async def test_read_from_every_seq(log: EventLog) -> None:
@@ -589,7 +621,7 @@ async def test_follow_yields_existing_then_new(log: EventLog) -> None:
     follower = asyncio.create_task(follow())
     try:
         await asyncio.wait_for(four_seen.wait(), 10)
-        await log.append([registered("new1"), registered("new2")], epoch)
+        await log.append([registered_event("new1"), registered_event("new2")], epoch)
         await asyncio.wait_for(six_seen.wait(), 10)
     finally:
         follower.cancel()
@@ -597,7 +629,7 @@ async def test_follow_yields_existing_then_new(log: EventLog) -> None:
             await follower
 
     assert [event.seq for event in seen] == [2, 3, 4, 5, 6]
-    assert tm_ids(seen) == ["tm2", "tm3", "tm4", "new1", "new2"]
+    assert registered_ids(seen) == ["tm2", "tm3", "tm4", "new1", "new2"]
 
 
 async def test_follow_compacted_seq_raises(log: EventLog) -> None:
@@ -628,8 +660,8 @@ async def test_read_overtaken_by_compaction_raises(logs: LogFactory) -> None:
     log = await logs.open(page_size=2)
     epoch = await append_registered(log, 9)
 
-    # Seqs 3 to 8 are gone before the read reaches them: skipping them
-    # silently would replay a state that never existed.
+    # Compaction deletes seqs 3 to 8 before the read reaches them, and
+    # skipping them silently would replay a state that never existed.
     with pytest.raises(CompactedError):
         await consume_then_compact(aiter(log.read(1)), log, epoch)
 
@@ -684,9 +716,9 @@ def churn(rng: random.Random, count: int) -> list[pb.Event]:
     for i in range(count):
         name = f"tm{rng.randrange(8)}"
         if rng.random() < 0.6:
-            events.append(registered(name, slots=i + 1))
+            events.append(registered_event(name, slots=i + 1))
         else:
-            events.append(lost(name, f"heartbeat timeout {i}"))
+            events.append(lost_event(name, f"heartbeat timeout {i}"))
     return events
 
 
@@ -778,10 +810,10 @@ async def test_compact_everything_keeps_seqs_growing(log: EventLog) -> None:
     assert await log.last_seq() == 5
     assert await read_all(log, 6) == []
 
-    seqs = await log.append([registered("after")], epoch)
+    seqs = await log.append([registered_event("after")], epoch)
 
     assert seqs == [6]
-    assert tm_ids(await read_all(log, 6)) == ["after"]
+    assert registered_ids(await read_all(log, 6)) == ["after"]
     lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
     assert lease is not None
     assert await log.last_seq() == 7
@@ -798,7 +830,7 @@ async def test_compact_everything_survives_reopen(tmp_path: Path) -> None:
         assert await reopened.last_seq() == 5
         with pytest.raises(CompactedError):
             await read_all(reopened, 5)
-        assert await reopened.append([registered("after")], epoch) == [6]
+        assert await reopened.append([registered_event("after")], epoch) == [6]
         lease = await reopened.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
         assert lease is not None
         assert await reopened.last_seq() == 7
@@ -985,7 +1017,7 @@ FIRST_LEASE = Lease("a", 1, 0)
 
 CLOSED_OPERATIONS: dict[str, Callable[[EventLog], Coroutine[Any, Any, object]]] = {
     "open": lambda log: log.open(),
-    "append": lambda log: log.append([registered("late")], 1),
+    "append": lambda log: log.append([registered_event("late")], 1),
     "read": lambda log: read_all(log),
     "follow": lambda log: anext(aiter(log.follow())),
     "last_seq": lambda log: log.last_seq(),

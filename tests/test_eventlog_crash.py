@@ -9,11 +9,10 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from helpers import AppendLoopOutput, parse_append_loop_output, start_append_loop
-from helpers.append_loop import payload_digest
-
 from eventlog import SqliteEventLog
 from protos import jobledger_events_pb2 as pb
+from tests.helpers import AppendLoopOutput, parse_append_loop_output, start_append_loop
+from tests.helpers.append_loop import payload_digest
 
 RUNS = 5
 HOLDER = "crash-writer"
@@ -22,7 +21,7 @@ HOLDER = "crash-writer"
 async def run_until_killed(
     path: Path, seed: int, kill_after_s: float
 ) -> tuple[AppendLoopOutput, int]:
-    """Run append_loop.py, SIGKILL it ``kill_after_s`` after it took the lease."""
+    """Run append_loop.py and SIGKILL it ``kill_after_s`` seconds after it leads."""
     process = await start_append_loop(path, "--holder", HOLDER, "--seed", str(seed))
     assert process.stdout is not None
     assert process.stderr is not None

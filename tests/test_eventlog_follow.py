@@ -6,11 +6,10 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from helpers import run_append_loop
-from helpers.append_loop import payload_digest
-
 from eventlog import SqliteEventLog
 from protos import jobledger_events_pb2 as pb
+from tests.helpers import run_append_loop
+from tests.helpers.append_loop import payload_digest
 
 COUNT = 60
 
@@ -58,7 +57,7 @@ async def test_follow_from_middle_of_other_log(tmp_path: Path) -> None:
     async with SqliteEventLog(path) as log:
         seen: list[pb.Event] = []
         enough = asyncio.Event()
-        # Seqs 1 to 11 exist; the second run adds its LeaderElected and 10 more.
+        # Seqs 1 to 11 exist. The second run adds its LeaderElected and 10 more.
         from_seq = 6
 
         async def follow() -> None:

@@ -17,7 +17,7 @@ BACKENDS = ["sqlite", "memory"]
 
 
 class LogFactory:
-    """Opens handles on one event log of the given backend.
+    """A source of handles on one event log of the given backend.
 
     For SQLite every handle is a new SqliteEventLog on the same file, as two
     coordinators would have. MemoryEventLog cannot be shared between
@@ -45,7 +45,7 @@ class LogFactory:
             await log.close()
 
 
-def registered(task_manager_id: str, slots: int = 1) -> pb.Event:
+def registered_event(task_manager_id: str, slots: int = 1) -> pb.Event:
     event = pb.Event()
     event.task_manager_registered.task_manager_id = task_manager_id
     event.task_manager_registered.address = "127.0.0.1"
@@ -53,7 +53,7 @@ def registered(task_manager_id: str, slots: int = 1) -> pb.Event:
     return event
 
 
-def lost(task_manager_id: str, reason: str) -> pb.Event:
+def lost_event(task_manager_id: str, reason: str) -> pb.Event:
     event = pb.Event()
     event.task_manager_lost.task_manager_id = task_manager_id
     event.task_manager_lost.reason = reason

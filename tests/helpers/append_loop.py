@@ -77,7 +77,10 @@ async def take_lease(
         if lease is not None:
             return lease
         await asyncio.sleep(0.05)
-    raise TimeoutError(f"lease of {log.path} not acquired by {holder!r} in time")
+    raise TimeoutError(
+        f"timed out waiting for the lease of {log.path} as holder {holder!r}: "
+        "another holder's lease stayed live"
+    )
 
 
 async def append_loop(args: argparse.Namespace) -> None:
@@ -92,22 +95,24 @@ async def append_loop(args: argparse.Namespace) -> None:
             for seq, event in zip(seqs, batch, strict=True):
                 emit(f"ack {seq} {payload_digest(event)}")
 
-        made = 0
+        events_built = 0
         while time.monotonic() < deadline:
-            if args.count and made >= args.count:
+            if args.count and events_built >= args.count:
                 break
             batches = []
             for _ in range(rng.randint(1, args.max_concurrency)):
                 size = rng.randint(1, args.max_batch)
                 if args.count:
-                    size = min(size, args.count - made)
+                    size = min(size, args.count - events_built)
                 if size <= 0:
                     break
-                ids = [f"{args.holder}-{args.seed}-{made + i}" for i in range(size)]
+                ids = [
+                    f"{args.holder}-{args.seed}-{events_built + i}" for i in range(size)
+                ]
                 batches.append([make_event(rng, event_id) for event_id in ids])
-                made += size
+                events_built += size
             await asyncio.gather(*(append_batch(batch) for batch in batches))
-        if args.count and made >= args.count:
+        if args.count and events_built >= args.count:
             emit("done")
 
 
@@ -119,7 +124,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--lease-s", type=float, default=60.0, help="lease duration in seconds"
     )
     parser.add_argument(
-        "--count", type=int, default=0, help="events to append; 0 appends until killed"
+        "--count",
+        type=int,
+        default=0,
+        help="events to append, or 0 to append until killed or --max-seconds pass",
     )
     parser.add_argument(
         "--max-concurrency", type=int, default=8, help="maximum appends at once"
