@@ -41,7 +41,7 @@ ENDED = frozenset({pb.CHECKPOINT_FAILED, pb.CHECKPOINT_DISCARDED})
 
 
 class AckOutcome(enum.Enum):
-    """How an acknowledgement was classified."""
+    """The class of an acknowledgement."""
 
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"

@@ -3,7 +3,7 @@
 Commands are decided one at a time, in arrival order: deciding and applying
 are synchronous, so two decisions never see the same state. The events of a
 decision are applied at once and handed to the log; the caller's reply goes
-out only once the log says they are durable, and concurrent commands share
+out only once the log reports them durable, and concurrent commands share
 one commit. Effects (calls to workers) start only after that, too.
 
 If an append fails or is fenced, the coordinator stops acting as leader at

@@ -136,7 +136,7 @@ class WorkerCalls:
         """Make one call with retries on transient failures, while at ``epoch``.
 
         Raises EpochChanged once the leadership moved on or ``still_needed``
-        says the call has become pointless.
+        returns False.
         """
         metadata = ((EPOCH_METADATA_KEY, str(epoch)),)
         retrying = AsyncRetrying(

@@ -1,14 +1,15 @@
 """The SQLite event log on aiosqlite: the embedded default.
 
 The database runs in WAL mode with ``synchronous=FULL``, so a commit that
-returned survives a crash of the process or the machine. One writer
-connection carries every write transaction; a second connection serves
-reads, so readers never wait behind a commit. Concurrent appends are
-group-committed: a single writer task takes every append that arrived while
-the previous commit ran and writes them in one transaction, in arrival order.
+returned survives a crash of the process or the machine. Events are
+written by one writer connection only, and reads go through a connection
+of their own, so readers never wait behind a commit. Concurrent appends
+are group-committed: a single writer task takes every append that arrived
+while the previous commit ran and writes them in one transaction, in
+arrival order.
 
-SQLite's WAL mode needs a local file system: several coordinators may share
-one log only on one host.
+SQLite's WAL mode needs a local file system, so several coordinators may
+share one log only on one host.
 """
 
 from __future__ import annotations
