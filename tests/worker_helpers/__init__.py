@@ -1,0 +1,1 @@
+"""Helpers of the worker tests: user functions, job graphs, a cluster."""
