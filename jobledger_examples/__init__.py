@@ -1,0 +1,1 @@
+"""Example jobs: their user functions and the data they read."""
