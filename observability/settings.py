@@ -1,0 +1,136 @@
+"""Telemetry settings read from the standard OpenTelemetry environment variables.
+
+Export is opt-in: traces and metrics go out over OTLP/gRPC only when an
+endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` or the signal's own
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``..._METRICS_ENDPOINT``). Unlike
+the OpenTelemetry SDK, no endpoint is assumed when none is set, so a process
+started without these variables sends nothing anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from opentelemetry.sdk.trace import sampling
+
+OTLP = "otlp"
+NONE = "none"
+
+_SAMPLERS = {
+    "always_on": lambda arg: sampling.ALWAYS_ON,
+    "always_off": lambda arg: sampling.ALWAYS_OFF,
+    "traceidratio": sampling.TraceIdRatioBased,
+    "parentbased_always_on": lambda arg: sampling.ParentBased(sampling.ALWAYS_ON),
+    "parentbased_always_off": lambda arg: sampling.ParentBased(sampling.ALWAYS_OFF),
+    "parentbased_traceidratio": lambda arg: sampling.ParentBased(
+        sampling.TraceIdRatioBased(arg)
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """The OTLP endpoints a process exports to (None: no export) and its sampler."""
+
+    service_name: str
+    traces_endpoint: str | None = None
+    metrics_endpoint: str | None = None
+    # Plain-text gRPC to the collector, as OTEL_EXPORTER_OTLP_INSECURE sets.
+    insecure: bool = True
+    sampler_name: str = "parentbased_always_on"
+    sampler_arg: float = 1.0
+    # Full gRPC service names left out of tracing, from the gRPC
+    # instrumentation's OTEL_PYTHON_GRPC_EXCLUDED_SERVICES (comma-separated).
+    excluded_services: frozenset[str] = frozenset()
+
+    @property
+    def tracing(self) -> bool:
+        """Whether spans are recorded and exported."""
+        return self.traces_endpoint is not None
+
+    def sampler(self) -> sampling.Sampler:
+        """Build the sampler that OTEL_TRACES_SAMPLER names."""
+        factory = _SAMPLERS[self.sampler_name]
+        return factory(self.sampler_arg)  # type: ignore[no-untyped-call]
+
+    @classmethod
+    def from_env(
+        cls, default_service_name: str, environ: Mapping[str, str]
+    ) -> TelemetrySettings:
+        """Read the settings; raise ValueError naming an invalid variable."""
+        disabled = _flag(environ, "OTEL_SDK_DISABLED", default=False)
+        service_name = environ.get("OTEL_SERVICE_NAME", "").strip()
+        sampler_name, sampler_arg = _sampler(environ)
+        return cls(
+            service_name=service_name or default_service_name,
+            traces_endpoint=None if disabled else _endpoint(environ, "TRACES"),
+            metrics_endpoint=None if disabled else _endpoint(environ, "METRICS"),
+            insecure=_flag(environ, "OTEL_EXPORTER_OTLP_INSECURE", default=True),
+            sampler_name=sampler_name,
+            sampler_arg=sampler_arg,
+            excluded_services=frozenset(
+                name.strip()
+                for name in environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "").split(
+                    ","
+                )
+                if name.strip()
+            ),
+        )
+
+
+def _endpoint(environ: Mapping[str, str], signal: str) -> str | None:
+    """Return the OTLP endpoint of ``signal`` (TRACES or METRICS), or None."""
+    exporter_variable = f"OTEL_{signal}_EXPORTER"
+    exporter = environ.get(exporter_variable, OTLP).strip().lower() or OTLP
+    if exporter == NONE:
+        return None
+    if exporter != OTLP:
+        raise ValueError(
+            f"{exporter_variable}={exporter!r} is not supported; set it to "
+            f"'{OTLP}' (OTLP over gRPC) or '{NONE}'"
+        )
+    protocol_variable = f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"
+    protocol = environ.get(
+        protocol_variable, environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    ).strip()
+    if protocol not in ("", "grpc"):
+        raise ValueError(
+            f"OTLP protocol {protocol!r} is not supported; only 'grpc' is: unset "
+            f"OTEL_EXPORTER_OTLP_PROTOCOL and {protocol_variable} or set 'grpc'"
+        )
+    endpoint = environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "").strip()
+    return endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or None
+
+
+def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    text = environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise ValueError(f"{name}={text!r} is not a boolean; set 'true' or 'false'")
+
+
+def _sampler(environ: Mapping[str, str]) -> tuple[str, float]:
+    name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    name = name or "parentbased_always_on"
+    if name not in _SAMPLERS:
+        raise ValueError(
+            f"OTEL_TRACES_SAMPLER={name!r} is not supported; use one of "
+            + ", ".join(sorted(_SAMPLERS))
+        )
+    text = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if not text:
+        return name, 1.0
+    try:
+        ratio = float(text)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(
+            f"OTEL_TRACES_SAMPLER_ARG={text!r} is not a ratio; give 0.0 to 1.0"
+        )
+    return name, ratio

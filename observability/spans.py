@@ -1,0 +1,334 @@
+"""The spans and metrics of checkpoints, submissions, deployments and recovery.
+
+Every checkpoint is one trace. Its root span, ``checkpoint.trigger``, is
+made when the coordinator decides the trigger, and its context is stored in
+the checkpoint-triggered event. Everything later hangs below that context:
+the TriggerTaskCheckpoint calls, each task's ``checkpoint.align`` and
+``checkpoint.snapshot`` spans, the AcknowledgeCheckpoint calls, and the
+``checkpoint.completed`` or ``checkpoint.failed`` span, which runs from the
+trigger to the end. A coordinator that replayed the event after a restart
+or a failover takes the context from its state, so what it emits for the
+checkpoint joins the same trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+
+from observability import instruments
+from observability.propagation import (
+    extract,
+    from_barrier_options,
+    has_span,
+    inject,
+)
+from observability.setup import tracer, tracing_enabled
+from protos import jobledger_events_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+
+JOB = "jobledger.job.id"
+CHECKPOINT = "jobledger.checkpoint.id"
+TASK = "jobledger.task.id"
+ATTEMPT = "jobledger.task.attempt"
+TASK_MANAGER = "jobledger.task_manager.id"
+
+_NS_PER_MS = 1_000_000
+
+T = TypeVar("T")
+
+
+def trigger_span(
+    job_id: str, checkpoint_id: int, tasks: int, manual: bool
+) -> dict[str, str]:
+    """Record the root span of a checkpoint's trace; return its carrier.
+
+    The span starts a new trace, linked to the current span (the
+    RequestCheckpoint call of a manual checkpoint). Returns an empty
+    carrier when tracing is off.
+    """
+    if not tracing_enabled():
+        return {}
+    current = trace.get_current_span().get_span_context()
+    links = [Link(current)] if current.is_valid else []
+    span = tracer().start_span(
+        "checkpoint.trigger",
+        context=Context(),
+        links=links,
+        attributes={
+            JOB: job_id,
+            CHECKPOINT: checkpoint_id,
+            "jobledger.checkpoint.tasks_to_acknowledge": tasks,
+            "jobledger.checkpoint.manual": manual,
+        },
+    )
+    span.end()
+    return inject(trace.set_span_in_context(span))
+
+
+def record_events(state: pb.CoordinatorState, events: list[pb.Event]) -> None:
+    """Record spans and metrics of durable events; ``state`` is after them."""
+    for ev in events:
+        name = ev.WhichOneof("body")
+        if name == "checkpoint_completed":
+            _completed(state, ev)
+        elif name == "checkpoint_failed":
+            _failed(state, ev)
+        elif name == "job_failing_over":
+            instruments.failovers.add(1, {JOB: ev.job_failing_over.job_id})
+        elif name == "job_restarted":
+            _restarted(state, ev)
+
+
+def _completed(state: pb.CoordinatorState, ev: pb.Event) -> None:
+    body = ev.checkpoint_completed
+    checkpoint = state.checkpoints.get(body.checkpoint_id)
+    if checkpoint is None:
+        return
+    end_ms = ev.timestamp.ToMilliseconds()
+    size = sum(a.snapshot_size for a in checkpoint.acknowledgements.values())
+    attributes = {JOB: body.job_id}
+    instruments.checkpoints_completed.add(1, attributes)
+    instruments.checkpoint_duration.record(
+        max(0, end_ms - checkpoint.triggered_ms) / 1000, attributes
+    )
+    instruments.checkpoint_size.record(size, attributes)
+    span = _end_span("checkpoint.completed", checkpoint, ev)
+    if span is not None:
+        span.set_attribute("jobledger.checkpoint.size", size)
+        span.set_attribute(
+            "jobledger.checkpoint.acknowledged_tasks", len(checkpoint.acknowledgements)
+        )
+        span.end(end_time=end_ms * _NS_PER_MS)
+
+
+def _failed(state: pb.CoordinatorState, ev: pb.Event) -> None:
+    body = ev.checkpoint_failed
+    reason = pb.CheckpointFailureReason.Name(body.failure)
+    if body.failure == pb.CHECKPOINT_EXPIRED:
+        instruments.checkpoints_expired.add(1, {JOB: body.job_id})
+    else:
+        instruments.checkpoints_failed.add(1, {JOB: body.job_id, "reason": reason})
+    checkpoint = state.checkpoints.get(body.checkpoint_id)
+    if checkpoint is None:
+        return
+    span = _end_span("checkpoint.failed", checkpoint, ev)
+    if span is not None:
+        span.set_attribute("jobledger.checkpoint.failure", reason)
+        span.set_attribute("jobledger.checkpoint.failure_message", body.message)
+        span.set_status(Status(StatusCode.ERROR, f"{reason}: {body.message}"))
+        span.end(end_time=ev.timestamp.ToMilliseconds() * _NS_PER_MS)
+
+
+def _end_span(name: str, checkpoint: pb.CheckpointState, ev: pb.Event) -> Span | None:
+    """Start the span of a checkpoint's end, from its trigger, in its trace."""
+    if not tracing_enabled() or not has_span(checkpoint.trace_context):
+        return None
+    return tracer().start_span(
+        name,
+        context=extract(checkpoint.trace_context),
+        start_time=checkpoint.triggered_ms * _NS_PER_MS,
+        attributes={
+            JOB: checkpoint.job_id,
+            CHECKPOINT: checkpoint.checkpoint_id,
+            "jobledger.event.seq": ev.seq,
+        },
+    )
+
+
+def failover_span(
+    job_id: str, reason: str, delay_ms: int, checkpoint_id: int
+) -> dict[str, str]:
+    """Record the root span of a recovery's trace; return its carrier.
+
+    The carrier is stored in the failover event, so that the restart and
+    the redeployment join the trace. Empty when tracing is off.
+    """
+    if not tracing_enabled():
+        return {}
+    current = trace.get_current_span().get_span_context()
+    span = tracer().start_span(
+        "job.failover",
+        context=Context(),
+        links=[Link(current)] if current.is_valid else [],
+        attributes={
+            JOB: job_id,
+            "jobledger.failover.reason": reason,
+            "jobledger.restart.delay_ms": delay_ms,
+            "jobledger.restore.checkpoint_id": checkpoint_id,
+        },
+    )
+    span.set_status(Status(StatusCode.ERROR, reason))
+    span.end()
+    return inject(trace.set_span_in_context(span))
+
+
+def recovery_context(state: pb.CoordinatorState, job_id: str) -> Context | None:
+    """Return the context of the job's latest failover trace, if any."""
+    job = state.jobs.get(job_id)
+    if job is None or not has_span(job.recovery_trace_context):
+        return None
+    return extract(job.recovery_trace_context)
+
+
+def _restarted(state: pb.CoordinatorState, ev: pb.Event) -> None:
+    body = ev.job_restarted
+    parent = recovery_context(state, body.job_id)
+    if not tracing_enabled() or body.requested or parent is None:
+        return
+    at_ns = ev.timestamp.ToMilliseconds() * _NS_PER_MS
+    span = tracer().start_span(
+        "job.restart",
+        context=parent,
+        start_time=at_ns,
+        attributes={
+            JOB: body.job_id,
+            "jobledger.restore.checkpoint_id": body.restore_checkpoint_id,
+            "jobledger.event.seq": ev.seq,
+        },
+    )
+    span.end(end_time=at_ns)
+
+
+def carrier_for_worker(carrier: Mapping[str, str]) -> dict[str, str]:
+    """Return the context a worker passes on with a checkpoint's barriers.
+
+    That is the checkpoint's own context when the trigger carried one, and
+    the current span (the instrumented TriggerTaskCheckpoint call) otherwise.
+    """
+    if has_span(carrier):
+        return dict(carrier)
+    return inject()
+
+
+def annotate_current(**attributes: str | int) -> None:
+    """Add ``jobledger.*`` attributes to the current span, e.g. an RPC's.
+
+    Keyword ``checkpoint`` becomes ``jobledger.checkpoint.id`` and so on, by
+    the constants of this module; any other key is prefixed ``jobledger.``.
+    """
+    if not tracing_enabled():
+        return
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    # One set_attributes call takes the span's lock once for all of them.
+    span.set_attributes(
+        {
+            _ATTRIBUTE_NAMES.get(key, f"jobledger.{key}"): v
+            for key, v in attributes.items()
+        }
+    )
+
+
+_ATTRIBUTE_NAMES = {"job": JOB, "checkpoint": CHECKPOINT, "task": TASK}
+
+
+def start_task_checkpoint(
+    job_id: str,
+    task_id: str,
+    attempt: int,
+    checkpoint_id: int,
+    trace_options: bytes,
+    alignment_started_ns: int = 0,
+) -> Span | None:
+    """Start a task's ``checkpoint.snapshot`` span in the barrier's trace.
+
+    A task that aligned barriers of several inputs (``alignment_started_ns``
+    is when the first arrived) also records a ``checkpoint.align`` span up
+    to now. Returns None when tracing is off; end the span with
+    ``end_task_checkpoint``.
+    """
+    if not tracing_enabled():
+        return None
+    parent = extract(from_barrier_options(trace_options))
+    attributes: dict[str, AttributeValue] = {
+        JOB: job_id,
+        TASK: task_id,
+        ATTEMPT: attempt,
+        CHECKPOINT: checkpoint_id,
+    }
+    if alignment_started_ns:
+        align = tracer().start_span(
+            "checkpoint.align",
+            context=parent,
+            start_time=alignment_started_ns,
+            attributes=attributes,
+        )
+        align.end()
+    return tracer().start_span(
+        "checkpoint.snapshot", context=parent, attributes=attributes
+    )
+
+
+def end_task_checkpoint(
+    span: Span | None, size: int = 0, duration_ms: int = 0, failure: str = ""
+) -> None:
+    """End a ``checkpoint.snapshot`` span with its size and duration or failure."""
+    if span is None:
+        return
+    if failure:
+        span.set_status(Status(StatusCode.ERROR, failure))
+    else:
+        span.set_attribute("jobledger.snapshot.size", size)
+        span.set_attribute("jobledger.snapshot.duration_ms", duration_ms)
+    span.end()
+
+
+def use(span: Span | None) -> contextlib.AbstractContextManager[object]:
+    """Make ``span`` current in a ``with`` block; do nothing for None."""
+    if span is None:
+        return contextlib.nullcontext()
+    return trace.use_span(span, end_on_exit=False)
+
+
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
+async def serve_traced(
+    service: str,
+    method: str,
+    context: grpc.aio.ServicerContext,
+    serve: Callable[[], Awaitable[T]],
+) -> T:
+    """Await ``serve()`` inside a SERVER span of the RPC, below the caller's span.
+
+    The caller's context comes from the W3C ``traceparent`` metadata entry
+    that the gRPC instrumentation of the client sends. An RPC that aborts
+    gets the status code it aborted with. Written without context managers,
+    since it runs on every RPC.
+    """
+    carrier = {
+        key: value
+        for key, value in context.invocation_metadata() or ()
+        if key in _TRACE_HEADERS and isinstance(value, str)
+    }
+    span = tracer().start_span(
+        f"/{service}/{method}",
+        context=extract(carrier) if carrier else None,
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+    )
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        return await serve()
+    except BaseException as exc:
+        code = context.code()
+        name = code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__
+        span.set_attribute("rpc.grpc.status_code", name)
+        span.set_status(Status(StatusCode.ERROR, f"{name}: {context.details()}"))
+        raise
+    finally:
+        otel_context.detach(token)
+        span.end()
