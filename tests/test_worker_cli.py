@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from worker.cli import add_worker_parser, run_worker, worker_config
+from worker.server import Worker, WorkerConfig
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -63,6 +65,10 @@ def test_worker_defaults() -> None:
             "0",
         ),
         ("--coordinator", "127.0.0.1:1"),
+        ("--coordinator", "127.0.0.1:70000", "--state-dir", "s"),
+        ("--coordinator", "127.0.0.1:0", "--state-dir", "s"),
+        ("--coordinator", "127.0.0.1:1", "--state-dir", "s", "--listen", "h:99999"),
+        ("--coordinator", "127.0.0.1:1", "--state-dir", "s", "--listen", "7000"),
     ],
 )
 def test_worker_invalid_arguments(
@@ -72,3 +78,14 @@ def test_worker_invalid_arguments(
         parse(*argv)
     assert raised.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+async def test_unwritable_state_dir_named(tmp_path: Path) -> None:
+    plain_file = tmp_path / "a-file"
+    plain_file.write_text("")
+    worker = Worker(
+        WorkerConfig(coordinators=["127.0.0.1:1"], state_dir=str(plain_file / "state"))
+    )
+    with pytest.raises(OSError, match=f"state directory {plain_file / 'state'} cannot"):
+        await worker.start()
+    await worker.stop()

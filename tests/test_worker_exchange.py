@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import zlib
 from collections.abc import AsyncIterator
@@ -192,6 +193,25 @@ async def test_broken_stream_fails_channel(
     assert target.take() == [Record(1)]
 
 
+async def test_sender_fails_when_receiver_stops() -> None:
+    registry = ChannelRegistry(buffers=2)
+    server = grpc.aio.server()
+    fpb_grpc.add_DataExchangeServiceServicer_to_server(DataExchange(registry), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    sender = RemoteSender(key(), f"127.0.0.1:{port}")
+    await sender.start()
+    await sender.send([Record(1)])
+    await sender.send([Record(2)])
+    waiting = asyncio.create_task(sender.send([Record(3)]))
+    # The receiving worker goes away while the sender waits for a credit.
+    await server.stop(0)
+    with pytest.raises(ConnectionError, match="broke"):
+        async with asyncio.timeout(10):
+            await waiting
+    await sender.abort()
+
+
 class RecordingSender(Sender):
     def __init__(self) -> None:
         self.buffers: list[list[Element]] = []
@@ -242,29 +262,149 @@ async def test_writer_broadcast_and_rescale() -> None:
     ]
 
 
+def unnamed_record(value: Any, source_index: int = 1) -> fpb.UpstreamPayload:
+    """Return one record as a sender that names no channel writes it."""
+    record = fpb.DataRecord(
+        target_job_vertex_id="sink",
+        target_subtask_index=0,
+        source_job_vertex_id="src",
+        source_subtask_index=source_index,
+        data_payload=json.dumps(value).encode(),
+    )
+    return fpb.UpstreamPayload(record=record)
+
+
 async def test_unnamed_sender_routed_by_fields(
     exchange: tuple[ChannelRegistry, int],
 ) -> None:
     registry, port = exchange
     target = registry.get(key(1))
+    received: list[Element] = []
+
+    async def consume() -> None:
+        while len(received) < 10:
+            assert len(target.buffers) <= 4
+            buffer = target.take()
+            if buffer is None:
+                await asyncio.sleep(0.005)
+                continue
+            received.extend(buffer)
+
+    consumer = asyncio.create_task(consume())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as grpc_channel:
+        call = fpb_grpc.DataExchangeServiceStub(grpc_channel).ExchangeData()
+        credits = 0
+        async with asyncio.timeout(10):
+            # One record per message, each spending a credit, as a sender
+            # without batching does.
+            for value in range(10):
+                while credits == 0:
+                    reply = await call.read()
+                    assert reply != grpc.aio.EOF
+                    credits += reply.credits.credits_granted
+                await call.write(unnamed_record(value))
+                credits -= 1
+            await consumer
+        await call.done_writing()
+    assert received == [Record(value) for value in range(10)]
+    assert target.failure is None
+
+
+async def test_unnamed_sender_bounded_by_consumer(
+    exchange: tuple[ChannelRegistry, int],
+) -> None:
+    registry, port = exchange
+    target = registry.get(key(1))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as grpc_channel:
+        call = fpb_grpc.DataExchangeServiceStub(grpc_channel).ExchangeData()
+        granted: list[int] = []
+
+        async def read_credits() -> None:
+            while (reply := await call.read()) != grpc.aio.EOF:
+                granted.append(reply.credits.credits_granted)
+
+        reader = asyncio.create_task(read_credits())
+        async with asyncio.timeout(5):
+            while not granted:
+                await asyncio.sleep(0.005)
+        assert granted == [4]
+        for value in range(4):
+            await call.write(unnamed_record(value))
+        async with asyncio.timeout(5):
+            while len(target.buffers) < 4:
+                await asyncio.sleep(0.005)
+        # Nothing was taken, so no credit may come back yet.
+        await asyncio.sleep(0.3)
+        assert granted == [4]
+        assert target.take() == [Record(0)]
+        async with asyncio.timeout(5):
+            while len(granted) < 2:
+                await asyncio.sleep(0.005)
+        assert granted == [4, 1]
+        call.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+async def final_status(call: Any) -> grpc.StatusCode:
+    """Read a stream's replies to its end, then return its status."""
+    # The status arrives after the replies the server sent, so read them.
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        while await call.read() != grpc.aio.EOF:
+            pass
+    code: grpc.StatusCode = await call.code()
+    return code
+
+
+async def test_sender_without_credit_rejected(
+    exchange: tuple[ChannelRegistry, int],
+) -> None:
+    registry, port = exchange
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as grpc_channel:
         stub = fpb_grpc.DataExchangeServiceStub(grpc_channel)
-        call = stub.ExchangeData()
-        for value in range(6):
-            record = fpb.DataRecord(
-                target_job_vertex_id="sink",
-                target_subtask_index=0,
-                source_job_vertex_id="src",
-                source_subtask_index=1,
-                data_payload=json.dumps(value).encode(),
-            )
+        call = stub.ExchangeData(metadata=((CHANNEL_METADATA_KEY, key().encode()),))
+        for value in range(5):
+            record = fpb.DataRecord(data_payload=json.dumps(value).encode())
             await call.write(fpb.UpstreamPayload(record=record))
-        await call.done_writing()
-        granted = 0
-        while (reply := await call.read()) != grpc.aio.EOF:
-            granted += reply.credits.credits_granted
-    # The initial credits, then one back per delivered message.
-    assert granted == 4 + 6
-    received = [target.take() for _ in range(6)]
-    assert received == [[Record(value)] for value in range(6)]
-    assert target.failure is None
+        async with asyncio.timeout(5):
+            code = await final_status(call)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "sent without a credit" in await call.details()
+    target = registry.get(key())
+    assert len(target.buffers) == 4
+    assert target.failure is not None
+
+
+@pytest.mark.parametrize(
+    ("named", "payload", "code"),
+    [
+        (True, b"{not json", grpc.StatusCode.INVALID_ARGUMENT),
+        (True, b'{"v": 1, "t": "noon"}', grpc.StatusCode.INVALID_ARGUMENT),
+        (False, b"1", grpc.StatusCode.NOT_FOUND),
+    ],
+)
+async def test_bad_stream_fails_channel(
+    exchange: tuple[ChannelRegistry, int],
+    named: bool,
+    payload: bytes,
+    code: grpc.StatusCode,
+) -> None:
+    registry, port = exchange
+    target = registry.get(key())
+    metadata = ((CHANNEL_METADATA_KEY, key().encode()),) if named else ()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as grpc_channel:
+        stub = fpb_grpc.DataExchangeServiceStub(grpc_channel)
+        call = stub.ExchangeData(metadata=metadata)
+        # An unnamed record from a subtask that feeds no channel here.
+        record = fpb.DataRecord(
+            target_job_vertex_id="sink",
+            source_job_vertex_id="src",
+            source_subtask_index=9,
+            data_payload=payload,
+        )
+        await call.write(fpb.UpstreamPayload(record=record))
+        async with asyncio.timeout(5):
+            assert await final_status(call) == code
+    if named:
+        # The task reading the channel fails rather than waiting forever.
+        assert target.failure is not None
+        assert "invalid data_payload" in target.failure

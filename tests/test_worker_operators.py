@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.worker_helpers.jobs import write_events
+from worker import durable
 from worker.operators import (
     ConfigError,
     OperatorContext,
@@ -17,6 +18,7 @@ from worker.operators import (
 )
 from worker.operators.sinks import FINAL_TRANSACTION, FileSink
 from worker.records import Record
+from worker.writer import key_hash
 
 
 class Collected:
@@ -293,3 +295,96 @@ def test_print_sink(capsys: pytest.CaptureFixture[str]) -> None:
     sink = create_operator("jobledger.sink.print", {"prefix": "> "}, context())
     sink.process(Record({"a": 1}), Collected())
     assert capsys.readouterr().out == '> {"a": 1}\n'
+
+
+def test_file_sink_recovery_removes_temporaries(tmp_path: Path) -> None:
+    sink, out = file_sink(tmp_path), Collected()
+    sink.process(Record({"k": 1}), out)
+    state = sink.snapshot_state(1)
+    # What a SIGKILL in the middle of three atomic writes leaves behind.
+    leftovers = [
+        tmp_path / "out.jsonl.staging" / ".2.jsonl.4242.tmp",
+        tmp_path / ".out.jsonl.commits.json.4242.tmp",
+        tmp_path / ".out.jsonl.4242.tmp",
+    ]
+    for leftover in leftovers:
+        leftover.write_bytes(b"torn")
+    unrelated = tmp_path / ".other.4242.tmp"
+    unrelated.write_bytes(b"not the sink's")
+    file_sink_restored(tmp_path, state, 1)
+    assert [path for path in leftovers if path.exists()] == []
+    assert unrelated.exists()
+    assert lines(tmp_path / "out.jsonl") == [{"k": 1}]
+
+
+def test_atomic_write_syncs_new_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    real = durable.fsync_directory
+
+    def record(directory: Path) -> None:
+        synced.append(directory)
+        real(directory)
+
+    monkeypatch.setattr(durable, "fsync_directory", record)
+    target = tmp_path / "job" / "task" / "chk-1.json"
+    durable.write_atomically(target, b"{}")
+    # The entries of "job" and "task" and of the file itself are durable.
+    assert synced == [tmp_path, tmp_path / "job", tmp_path / "job" / "task"]
+    assert target.read_bytes() == b"{}"
+    assert list(target.parent.iterdir()) == [target]
+
+
+def round_trip(state: Any) -> Any:
+    """Return the state as a snapshot file gives it back."""
+    return json.loads(json.dumps(state))
+
+
+def test_tuple_key_survives_restore() -> None:
+    config = {
+        "key": "tests.worker_helpers.functions:user_and_parity",
+        "aggregate": "sum",
+        "field": "amount",
+    }
+    first = create_operator("jobledger.aggregate", config, context())
+    first.process(Record({"user": "ann", "amount": 3}), Collected())
+    restored = create_operator("jobledger.aggregate", config, context())
+    restored.restore_state(round_trip(first.snapshot_state(1)))
+    out = Collected()
+    restored.process(Record({"user": "ann", "amount": 5}), out)
+    assert out.values[0]["value"] == 8
+    assert len(restored.snapshot_state(2)) == 1
+
+
+def upsert_sink(tmp_path: Path, state: Any = None, checkpoint_id: int = 0) -> FileSink:
+    """Return an upsert sink keyed by a tuple, restored from ``state`` if given."""
+    config = {
+        "path": str(tmp_path / "out.jsonl"),
+        "mode": "upsert",
+        "key": "tests.worker_helpers.functions:k_and_zero",
+    }
+    sink = create_operator("jobledger.sink.file", config, context())
+    assert isinstance(sink, FileSink)
+    if state is not None:
+        sink.restore_state(round_trip(state))
+    sink.open()
+    sink.recover(checkpoint_id)
+    return sink
+
+
+def test_upsert_tuple_key_survives_restore(tmp_path: Path) -> None:
+    sink, out = upsert_sink(tmp_path), Collected()
+    sink.process(Record({"k": "a", "v": 1}), out)
+    state = sink.snapshot_state(1)
+    sink.notify_checkpoint_complete(1)
+    restored = upsert_sink(tmp_path, state, 1)
+    restored.process(Record({"k": "a", "v": 2}), out)
+    restored.snapshot_state(2)
+    restored.notify_checkpoint_complete(2)
+    assert lines(tmp_path / "out.jsonl") == [{"k": "a", "v": 2}]
+
+
+def test_key_hash_same_for_tuple_and_list() -> None:
+    assert key_hash(("ann", 1)) == key_hash(["ann", 1])
+    assert key_hash(1) != key_hash("1")

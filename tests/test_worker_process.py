@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from coordinator.config import FixedDelayRestart
 from protos import jobledger_events_pb2 as pb
 from tests.harness import Cluster
+from tests.helpers.coordinator_process import coordinator_command
 from tests.worker_helpers.jobs import (
     expected_rolling_sums,
     keyed_sum_graph,
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerProcess:
-    """A worker subprocess, started with the ``worker`` subcommand."""
+    """A ``jobledger worker`` subprocess."""
 
     def __init__(self, process: asyncio.subprocess.Process, name: str) -> None:
         self.process = process
@@ -34,9 +34,8 @@ class WorkerProcess:
     @classmethod
     async def start(cls, cluster: Cluster, state_dir: Path, name: str) -> WorkerProcess:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tests.worker_helpers.run_worker",
+            *coordinator_command(),
+            "worker",
             "--coordinator",
             f"127.0.0.1:{cluster.coordinator.port}",
             "--listen",

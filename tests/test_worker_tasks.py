@@ -141,6 +141,49 @@ async def test_chained_task_runs_once(
             },
             "not a source, and has no inputs",
         ),
+        (
+            {
+                "outputs": [
+                    fpb.OperatorOutput(
+                        target_vertex_id="sink", target_task_endpoint="no-port"
+                    )
+                ]
+            },
+            "target_task_endpoint 'no-port', which is not HOST:PORT",
+        ),
+        (
+            {"operator_configuration": b'{"path": "/no/such/events.csv"}'},
+            "/no/such/events.csv does not exist",
+        ),
+        (
+            {"operator_configuration": b'{"path": "x", "types": {"a": ["int"]}}'},
+            "type ['int'] of field 'a' is unknown",
+        ),
+        (
+            {
+                "fully_qualified_operator_name": "jobledger.map",
+                "operator_configuration": b"{}",
+            },
+            "configuration field 'function' is missing",
+        ),
+        (
+            {
+                "fully_qualified_operator_name": "jobledger.map",
+                "operator_configuration": json.dumps(
+                    {"function": f"{FUNCTIONS}:no_such_function"}
+                ).encode(),
+            },
+            "has no function no_such_function",
+        ),
+        (
+            {
+                "fully_qualified_operator_name": "jobledger.map",
+                "operator_configuration": json.dumps(
+                    {"function": "tests.worker_helpers.broken_import:f"}
+                ).encode(),
+            },
+            "importing tests.worker_helpers.broken_import failed",
+        ),
     ],
 )
 async def test_bad_descriptor_rejected(
@@ -153,7 +196,10 @@ async def test_bad_descriptor_rejected(
     write_events(tmp_path / "events.csv", 3)
     descriptor = chained_descriptor(tmp_path, attempt=3)
     for field, value in change.items():
-        setattr(descriptor, field, value)
+        if isinstance(value, list):
+            getattr(descriptor, field).extend(value)
+        else:
+            setattr(descriptor, field, value)
     reply = await stubs.execution.DeployTask(descriptor, metadata=EPOCH)
     assert not reply.success
     assert reason in reply.message
@@ -180,6 +226,27 @@ async def test_cancel_only_that_attempt(
     assert len(worker.runtime.tasks) == 1
     request.attempt = 1
     assert (await stubs.control.CancelTask(request, metadata=EPOCH)).canceled
+    assert worker.runtime.tasks == {}
+    assert statuses(coordinator, 1) == [pb.TASK_RUNNING]
+
+
+async def test_canceled_attempt_not_rerun(
+    setup: tuple[FakeCoordinator, Worker, Stubs], tmp_path: Path
+) -> None:
+    coordinator, worker, stubs = setup
+    write_events(tmp_path / "events.csv", 1000)
+    descriptor = chained_descriptor(tmp_path, delay_ms=5)
+    assert (await stubs.execution.DeployTask(descriptor, metadata=EPOCH)).success
+    await coordinator.wait_for(lambda f: pb.TASK_RUNNING in statuses(f, 1))
+    cancel = svc.CancelTaskRequest(
+        job_id="job-1", job_vertex_id="src", subtask_index=0, attempt=1
+    )
+    assert (await stubs.control.CancelTask(cancel, metadata=EPOCH)).canceled
+    # A DeployTask retried after the cancellation must not start it again.
+    reply = await stubs.execution.DeployTask(descriptor, metadata=EPOCH)
+    assert not reply.success
+    assert "attempt 1 of task src_0 was canceled here already" in reply.message
+    assert worker.runtime is not None
     assert worker.runtime.tasks == {}
     assert statuses(coordinator, 1) == [pb.TASK_RUNNING]
 
@@ -286,6 +353,37 @@ async def test_missing_snapshot_rejected(
     assert "gone.json cannot be read" in reply.message
 
 
+@pytest.mark.parametrize(
+    "snapshot",
+    [
+        [1, 2],
+        {"operators": "none"},
+        {"operators": [None, None, None]},
+        {"operators": [None, {"no": "pending"}]},
+    ],
+)
+async def test_mismatched_snapshot_rejected(
+    setup: tuple[FakeCoordinator, Worker, Stubs], tmp_path: Path, snapshot: Any
+) -> None:
+    coordinator, worker, stubs = setup
+    write_events(tmp_path / "events.csv", 3)
+    handle = tmp_path / "foreign.json"
+    handle.write_text(json.dumps(snapshot))
+    recovery = chained_descriptor(
+        tmp_path,
+        is_recovery=True,
+        recovery_checkpoint_id=4,
+        recovery_snapshot_handle=str(handle),
+    )
+    reply = await stubs.execution.DeployTask(recovery, metadata=EPOCH)
+    assert not reply.success
+    assert f"snapshot {handle}" in reply.message
+    (failure,) = await coordinator.wait_report("ReportTaskStartupFailure")
+    assert f"snapshot {handle}" in failure.failure_reason
+    assert worker.runtime is not None
+    assert worker.runtime.tasks == {}
+
+
 def unserializable_descriptor(tmp_path: Path) -> fpb.TaskDeploymentDescriptor:
     """Return source -> set-valued aggregate -> filter dropping all -> sink."""
     descriptor = chained_descriptor(tmp_path, delay_ms=2)
@@ -353,7 +451,7 @@ async def test_failed_sink_staging_declined(
     replace_with_file(tmp_path / "out.jsonl.staging")
     decline = await trigger_and_wait_decline(coordinator, stubs, 6)
     assert "operator 1 (FileSink) of task src_0" in decline.failure_reason
-    assert "FileExistsError" in decline.failure_reason
+    assert "NotADirectoryError" in decline.failure_reason
     # The task goes on; only the checkpoint failed.
     assert pb.TASK_FAILED not in statuses(coordinator, 1)
 
@@ -397,3 +495,64 @@ async def test_stale_attempt_rejected(
     assert "attempt 2 is stale: attempt 3 runs here" in reply.message
     assert worker.runtime is not None
     assert [key.attempt for key in worker.runtime.tasks] == [3]
+
+
+async def test_failed_staging_keeps_records(
+    setup: tuple[FakeCoordinator, Worker, Stubs], tmp_path: Path
+) -> None:
+    coordinator, _, stubs = setup
+    events = write_events(tmp_path / "events.csv", 300)
+    await stubs.execution.DeployTask(
+        chained_descriptor(tmp_path, delay_ms=3), metadata=EPOCH
+    )
+    await coordinator.wait_for(lambda f: pb.TASK_RUNNING in statuses(f, 1))
+    staging = tmp_path / "out.jsonl.staging"
+    replace_with_file(staging)
+    await trigger_and_wait_decline(coordinator, stubs, 6)
+    # Staging works again; the records of the failed checkpoint must still
+    # reach the output.
+    staging.unlink()
+    staging.mkdir()
+    await coordinator.wait_for(lambda f: pb.TASK_FINISHED in statuses(f, 1))
+    assert [row["ts"] for row in output(tmp_path)] == [e["ts"] for e in events]
+
+
+async def test_deposed_leader_cannot_deploy_or_trigger(
+    setup: tuple[FakeCoordinator, Worker, Stubs], tmp_path: Path
+) -> None:
+    coordinator, worker, stubs = setup
+    write_events(tmp_path / "events.csv", 1000)
+    newer, older = (
+        (("jobledger-leader-epoch", "3"),),
+        (("jobledger-leader-epoch", "2"),),
+    )
+    descriptor = chained_descriptor(tmp_path, delay_ms=5)
+    assert (await stubs.execution.DeployTask(descriptor, metadata=newer)).success
+    await coordinator.wait_for(lambda f: pb.TASK_RUNNING in statuses(f, 1))
+
+    # Epoch 3 was seen, so calls of epoch 2 come from a deposed leader.
+    trigger = fpb.TriggerCheckpointRequest(job_id="job-1", checkpoint_id=9)
+    calls = {
+        "DeployTask": stubs.execution.DeployTask(
+            chained_descriptor(tmp_path, attempt=2), metadata=older
+        ),
+        "TriggerTaskCheckpoint": stubs.checkpointing.TriggerTaskCheckpoint(
+            trigger, metadata=older
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION, name
+        assert "epoch 2 is stale" in (raised.value.details() or ""), name
+
+    assert worker.runtime is not None
+    assert [key.attempt for key in worker.runtime.tasks] == [1]
+    assert worker.fence.highest == 3
+
+    # The rejected trigger injected no barrier: the next checkpoint is the
+    # first one acknowledged.
+    trigger = fpb.TriggerCheckpointRequest(job_id="job-1", checkpoint_id=10)
+    await stubs.checkpointing.TriggerTaskCheckpoint(trigger, metadata=newer)
+    acks = await coordinator.wait_report("AcknowledgeCheckpoint")
+    assert [ack.checkpoint_id for ack in acks] == [10]

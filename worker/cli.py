@@ -7,6 +7,8 @@ import asyncio
 import logging
 import signal
 
+from observability import Telemetry
+from observability.cli import add_metrics_arguments, instance_id, telemetry_from_args
 from worker.server import Worker, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -26,15 +28,26 @@ def _slots(text: str) -> int:
     return value
 
 
+def _host_port(address: str, lowest_port: int) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{address!r} is not HOST:PORT")
+    if not lowest_port <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"port {port} of {address!r} is invalid; give {lowest_port} to 65535"
+        )
+    return address
+
+
 def _addresses(text: str) -> list[str]:
     addresses = [part.strip() for part in text.split(",") if part.strip()]
     if not addresses:
         raise argparse.ArgumentTypeError("give at least one coordinator HOST:PORT")
-    for address in addresses:
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"{address!r} is not HOST:PORT")
-    return addresses
+    return [_host_port(address, 1) for address in addresses]
+
+
+def _listen_address(text: str) -> str:
+    return _host_port(text.strip(), 0)
 
 
 def add_worker_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -49,6 +62,7 @@ def add_worker_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
     parser.add_argument(
         "--listen",
         default="127.0.0.1:0",
+        type=_listen_address,
         help="HOST:PORT to serve gRPC on; the coordinator and other workers "
         "connect to it (default %(default)s; port 0 picks one)",
     )
@@ -68,6 +82,7 @@ def add_worker_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
         default=10.0,
         help="seconds between heartbeats (default %(default)s)",
     )
+    add_metrics_arguments(parser)
     parser.set_defaults(handler=run_worker)
 
 
@@ -83,9 +98,14 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     )
 
 
-async def serve_until_signal(config: WorkerConfig) -> None:
+async def serve_until_signal(
+    config: WorkerConfig, telemetry: Telemetry | None = None
+) -> None:
     """Run a worker until SIGTERM or SIGINT, then stop it cleanly."""
     worker = Worker(config)
+    if telemetry is not None:
+        telemetry.set_epoch_source(lambda: worker.fence.highest)
+        worker.register_gauges()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -102,5 +122,12 @@ async def serve_until_signal(config: WorkerConfig) -> None:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Run the ``worker`` subcommand; return the exit status."""
-    asyncio.run(serve_until_signal(worker_config(args)))
+    config = worker_config(args)
+    telemetry = telemetry_from_args(
+        args, "jobledger-worker", instance_id(args.id, args.listen)
+    )
+    try:
+        asyncio.run(serve_until_signal(config, telemetry))
+    finally:
+        telemetry.shutdown()
     return 0

@@ -22,6 +22,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+import observability
 from protos import jobledger_services_pb2_grpc as svc_grpc
 from protos import jobmanager_internal_pb2_grpc as fpb_grpc
 
@@ -78,7 +79,9 @@ class CoordinatorClient:
     def _stubs(self) -> Stubs:
         channel = self._channels.get(self.current)
         if channel is None:
-            channel = grpc.aio.insecure_channel(self.current)
+            channel = grpc.aio.insecure_channel(
+                self.current, interceptors=observability.client_interceptors()
+            )
             self._channels[self.current] = channel
         return Stubs(channel)
 

@@ -11,7 +11,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 
     Returns once the file and its directory entry are on stable storage.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directories(path.parent)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with temporary.open("wb") as file:
         file.write(data)
@@ -28,3 +28,33 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def make_directories(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each durably.
+
+    A new directory's entry lives in its parent, so each parent is fsynced
+    too; otherwise a crash could lose the directory of a file that was
+    fsynced and acknowledged.
+    """
+    missing = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_directory(new.parent)
+
+
+def remove_temporaries(path: Path) -> int:
+    """Delete what interrupted ``write_atomically`` calls left of ``path``.
+
+    Only call it while no other process writes ``path``. Returns how many
+    temporary files were deleted.
+    """
+    removed = 0
+    for temporary in path.parent.glob(f".{path.name}.*.tmp"):
+        temporary.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -16,6 +16,13 @@ without that record fails the receiving task, so that a crashed upstream
 worker is noticed without waiting for heartbeats. Channels
 between subtasks of the same worker pass the elements in process, with the
 same credits and without serialization.
+
+A stream that names no channel is routed record by record by the
+DataRecord's target and source fields. It gets as many credits as a channel
+has buffers, and each comes back when the task takes the buffer it paid
+for. A named stream that sends without a credit, or a payload that cannot
+be decoded, ends the stream with RESOURCE_EXHAUSTED or INVALID_ARGUMENT and
+fails the channel, so the receiving task fails instead of waiting.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from tenacity import AsyncRetrying, stop_after_delay, wait_exponential_jitter
@@ -92,6 +100,12 @@ class InputChannel:
         self.key = key
         self.capacity = buffers
         self.buffers: collections.deque[list[Element]] = collections.deque()
+        # Per queued buffer, the grant function of the stream that delivered
+        # it, which gets the credit back when the buffer is taken. None means
+        # the attached sender.
+        self._returns: collections.deque[Callable[[int], None] | None] = (
+            collections.deque()
+        )
         self.failure: str | None = None
         # The upstream delivered its end of input.
         self.ended = False
@@ -106,11 +120,18 @@ class InputChannel:
         if free > 0:
             grant(free)
 
-    def deliver(self, buffer: list[Element]) -> None:
-        """Queue one buffer the sender spent a credit on."""
+    def deliver(
+        self, buffer: list[Element], credit_to: Callable[[int], None] | None = None
+    ) -> None:
+        """Queue one buffer a sender spent a credit on.
+
+        The credit goes back to ``credit_to`` when the buffer is taken, or to
+        the attached sender when it is None.
+        """
         if isinstance(buffer[-1], EndOfInput):
             self.ended = True
         self.buffers.append(buffer)
+        self._returns.append(credit_to)
         self.data_available.set()
 
     def take(self) -> list[Element] | None:
@@ -118,8 +139,9 @@ class InputChannel:
         if not self.buffers:
             return None
         buffer = self.buffers.popleft()
-        if self._grant is not None:
-            self._grant(1)
+        credit_to = self._returns.popleft() or self._grant
+        if credit_to is not None:
+            credit_to(1)
         return buffer
 
     def fail(self, reason: str) -> None:
@@ -191,14 +213,24 @@ class _Credits:
 
     def __init__(self) -> None:
         self.count = 0
+        # Why no credit can come any more, once the receiver is gone.
+        self.failure: str | None = None
         self._changed = asyncio.Event()
 
     def grant(self, credits: int) -> None:
         self.count += credits
         self._changed.set()
 
+    def fail(self, reason: str) -> None:
+        """Wake the waiting sender; ``spend`` raises once the credits run out."""
+        self.failure = reason
+        self._changed.set()
+
     async def spend(self) -> None:
+        """Take one credit, waiting for it; raise ConnectionError after ``fail``."""
         while self.count <= 0:
+            if self.failure is not None:
+                raise ConnectionError(self.failure)
             self._changed.clear()
             await self._changed.wait()
         self.count -= 1
@@ -246,6 +278,7 @@ def to_data_record(key: ChannelKey, buffer: list[Element]) -> fpb.DataRecord:
         message.barrier_payload.checkpoint_id = first.checkpoint_id
         message.barrier_payload.checkpoint_timestamp = first.checkpoint_timestamp
         message.is_checkpoint_barrier = True
+        message.checkpoint_options = first.trace_options
     else:
         records = [element for element in buffer if isinstance(element, Record)]
         message.data_payload = encode_records(records)
@@ -261,7 +294,8 @@ def from_data_record(message: fpb.DataRecord, batched: bool) -> list[Element]:
         return [Watermark(message.watermark_payload.timestamp)]
     if kind == "barrier_payload" or message.is_checkpoint_barrier:
         barrier = message.barrier_payload
-        return [Barrier(barrier.checkpoint_id, barrier.checkpoint_timestamp)]
+        options = message.checkpoint_options
+        return [Barrier(barrier.checkpoint_id, barrier.checkpoint_timestamp, options)]
     elements: list[Element] = list(decode_payload(message.data_payload, batched))
     return elements
 
@@ -305,6 +339,14 @@ class RemoteSender(Sender):
                 self._credits.grant(payload.credits.credits_granted)
         except grpc.aio.AioRpcError as exc:
             logger.debug("channel %s to %s ended: %s", self.key, self.endpoint, exc)
+            # Without this a sender waiting for a credit would wait until the
+            # coordinator cancels its task.
+            self._credits.fail(
+                f"channel {self.key} to {self.endpoint} broke: "
+                f"{exc.code().name}: {exc.details()}"
+            )
+            return
+        self._credits.fail(f"channel {self.key} to {self.endpoint} was closed")
 
     async def send(self, buffer: list[Element]) -> None:
         assert self._call is not None, "send before start"
@@ -337,6 +379,31 @@ class RemoteSender(Sender):
             self._channel = None
 
 
+class StreamRejected(Exception):
+    """A sender broke the exchange protocol; its stream ends with ``code``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _CreditOutbox:
+    """Credits granted to one stream's sender and not yet sent to it.
+
+    Grants that arrive while the previous update is being written are sent
+    as one CreditUpdate, so a fast consumer does not cost a message per
+    buffer.
+    """
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.changed = asyncio.Event()
+
+    def grant(self, credits: int) -> None:
+        self.pending += credits
+        self.changed.set()
+
+
 class DataExchange(fpb_grpc.DataExchangeServiceServicer):
     """Receives ExchangeData streams into this worker's input channels."""
 
@@ -353,68 +420,98 @@ class DataExchange(fpb_grpc.DataExchangeServiceServicer):
         self.streams_opened += 1
         metadata = dict(context.invocation_metadata() or ())
         batched = metadata.get(BATCH_METADATA_KEY) == "1"
-        text = metadata.get(CHANNEL_METADATA_KEY)
-        if text is None:
-            # NOTE: senders that name no channel (such as Flink.NET's) are
-            # routed by each record's target fields; see _route_unnamed.
-            channel = None
-        else:
-            try:
-                channel = self._registry.get(ChannelKey.decode(text))
-            except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        credits: asyncio.Queue[int] = asyncio.Queue()
+        channel = await self._named_channel(metadata, context)
+        outbox = _CreditOutbox()
         if channel is not None:
-            channel.attach(credits.put_nowait)
+            channel.attach(outbox.grant)
         else:
-            credits.put_nowait(self._registry.buffers)
+            outbox.grant(self._registry.buffers)
         pump = asyncio.create_task(
-            self._pump(request_iterator, channel, batched, credits)
+            self._pump(request_iterator, channel, batched, outbox)
         )
+        pump.add_done_callback(lambda _: outbox.changed.set())
         try:
-            async for granted in self._credit_stream(credits, pump):
+            async for granted in self._credit_stream(outbox, pump):
                 yield granted
+        except StreamRejected as exc:
+            logger.warning("ExchangeData stream rejected: %s", exc)
+            await context.abort(exc.code, str(exc))
         finally:
             pump.cancel()
 
+    async def _named_channel(
+        self, metadata: dict[str, Any], context: grpc.aio.ServicerContext
+    ) -> InputChannel | None:
+        """Return the channel the stream names, or None for an unnamed stream.
+
+        Senders that name no channel (such as Flink.NET's) are routed by each
+        record's target and source fields; see ``_route_unnamed``.
+        """
+        text = metadata.get(CHANNEL_METADATA_KEY)
+        if text is None:
+            return None
+        try:
+            return self._registry.get(ChannelKey.decode(text))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # context.abort raises; this keeps the type checker informed
+
     async def _credit_stream(
-        self, credits: asyncio.Queue[int], pump: asyncio.Task[None]
+        self, outbox: _CreditOutbox, pump: asyncio.Task[None]
     ) -> AsyncIterator[fpb.DownstreamPayload]:
         while True:
-            getter = asyncio.ensure_future(credits.get())
-            await asyncio.wait({getter, pump}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
+            await outbox.changed.wait()
+            outbox.changed.clear()
+            if outbox.pending > 0:
+                granted, outbox.pending = outbox.pending, 0
+                yield fpb.DownstreamPayload(
+                    credits=fpb.CreditUpdate(credits_granted=granted)
+                )
+            if pump.done():
                 pump.result()
                 return
-            yield fpb.DownstreamPayload(
-                credits=fpb.CreditUpdate(credits_granted=getter.result())
-            )
 
     async def _pump(
         self,
         requests: AsyncIterator[fpb.UpstreamPayload],
         channel: InputChannel | None,
         batched: bool,
-        credits: asyncio.Queue[int],
+        outbox: _CreditOutbox,
     ) -> None:
+        """Deliver what the sender writes; raise StreamRejected on a violation."""
         try:
             async for payload in requests:
-                buffer = from_data_record(payload.record, batched)
-                if channel is not None:
-                    channel.deliver(buffer)
+                buffer = self._decode(payload.record, batched)
+                if channel is None:
+                    # The credit of an unnamed stream goes back to it when
+                    # the task takes the buffer, whichever channel that is.
+                    target = self._route_unnamed(payload.record)
+                    target.deliver(buffer, outbox.grant)
                     continue
-                # NOTE: an unnamed stream may feed several channels, so its
-                # credit comes back on delivery rather than on consumption.
-                # The initial credits then bound only what is in flight.
-                self._route_unnamed(payload.record).deliver(buffer)
-                credits.put_nowait(1)
-        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+                if len(channel.buffers) >= channel.capacity:
+                    raise StreamRejected(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the sender of channel {channel.key} sent without a "
+                        f"credit: all {channel.capacity} buffers are full",
+                    )
+                channel.deliver(buffer)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError, StreamRejected) as exc:
             if channel is not None:
                 channel.fail(f"the stream from upstream broke: {exc!r}")
             raise
         if channel is not None and not channel.ended:
             channel.fail("the stream from upstream ended without the end of input")
+
+    @staticmethod
+    def _decode(record: fpb.DataRecord, batched: bool) -> list[Element]:
+        try:
+            return from_data_record(record, batched)
+        except (ValueError, TypeError) as exc:
+            raise StreamRejected(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"invalid data_payload from {record.source_job_vertex_id}_"
+                f"{record.source_subtask_index}: {exc}",
+            ) from exc
 
     def _route_unnamed(self, record: fpb.DataRecord) -> InputChannel:
         keys = [
@@ -426,10 +523,11 @@ class DataExchange(fpb_grpc.DataExchangeServiceServicer):
             == (record.source_job_vertex_id, record.source_subtask_index)
         ]
         if not keys:
-            raise LookupError(
+            raise StreamRejected(
+                grpc.StatusCode.NOT_FOUND,
                 f"no input channel of {record.target_job_vertex_id}_"
                 f"{record.target_subtask_index} from {record.source_job_vertex_id}_"
-                f"{record.source_subtask_index}"
+                f"{record.source_subtask_index} on this worker",
             )
         newest = max(keys, key=lambda key: key.attempt)
         return self._registry.get(newest)
@@ -446,4 +544,5 @@ __all__ = [
     "LocalSender",
     "RemoteSender",
     "Sender",
+    "StreamRejected",
 ]

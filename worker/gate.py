@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Sequence
 
 from worker.exchange import ChannelBroken, InputChannel
-from worker.records import Barrier, Element, EndOfInput, Watermark
+from worker.records import Barrier, Element, EndOfInput, Record, Watermark
 
 
 class InputGate:
@@ -33,6 +34,10 @@ class InputGate:
         self._watermarks: list[int | None] = [None] * len(self.channels)
         self._emitted_watermark: int | None = None
         self._turn = 0
+        # Wall-clock time the first barrier of the latest alignment arrived.
+        self.alignment_started_ns = 0
+        # The channel whose buffer ``_current`` holds the rest of, or -1.
+        self._last = -1
         # Elements released together, e.g. a barrier and a watermark when a
         # channel ends; returned before anything else is read.
         self._released: collections.deque[Element] = collections.deque()
@@ -41,6 +46,9 @@ class InputGate:
         """Tell whether ``next`` can return without waiting."""
         if self._released:
             return True
+        index = self._last
+        if index >= 0 and self._current[index] and index not in self._blocked:
+            return True
         return any(
             self._current[i] or self.channels[i].buffers or self.channels[i].failure
             for i in self._readable()
@@ -48,6 +56,13 @@ class InputGate:
 
     async def next(self) -> Element | None:
         """Return the next element for the operators; raise ChannelBroken."""
+        # Fast path: the rest of the buffer taken last, while its channel may
+        # still be read. Channels thus take turns buffer by buffer.
+        index = self._last
+        if index >= 0 and not self._released and index not in self._blocked:
+            current = self._current[index]
+            if current and type(current[0]) is Record:
+                return current.popleft()
         while True:
             if self._released:
                 return self._released.popleft()
@@ -82,6 +97,7 @@ class InputGate:
                     continue
                 current.extend(buffer)
             self._turn = (index + 1) % len(self.channels)
+            self._last = index
             return index, current.popleft()
         return None
 
@@ -123,6 +139,7 @@ class InputGate:
         if aligning is None or barrier.checkpoint_id > aligning.checkpoint_id:
             self._blocked.clear()
             self._aligning = barrier
+            self.alignment_started_ns = time.time_ns()
         self._blocked.add(index)
         return self._complete_alignment()
 

@@ -105,11 +105,15 @@ class Membership:
             running_tasks=running,
             incarnation=self._registration.incarnation,
         )
+        # A coordinator that is paused rather than dead accepts the connection
+        # but never replies, so a heartbeat gives up after two intervals (at
+        # least 1 s) and the client moves on to the next coordinator.
+        timeout_s = max(1.0, 2 * self._interval_s)
         try:
             response = await self._client.call(
                 "SendHeartbeat",
                 lambda stubs, timeout: stubs.registration.SendHeartbeat(
-                    request, timeout=timeout
+                    request, timeout=min(timeout, timeout_s)
                 ),
             )
         except grpc.aio.AioRpcError as exc:
@@ -120,4 +124,7 @@ class Membership:
                 exc.details(),
             )
             return True
+        # A new leader replies with its epoch before it calls this worker, so
+        # the calls of the leader it deposed are rejected from now on.
+        self._fence.observe(response.leader_epoch)
         return bool(response.acknowledged)

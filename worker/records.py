@@ -44,6 +44,9 @@ class Barrier:
 
     checkpoint_id: int
     checkpoint_timestamp: int
+    # The checkpoint's trace context as barrier ``checkpoint_options``
+    # (see observability.propagation); b"" when the checkpoint is not traced.
+    trace_options: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,6 +57,22 @@ class EndOfInput:
 Element = Record | Watermark | Barrier | EndOfInput
 
 END_OF_INPUT = EndOfInput()
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def key_text(key: Any) -> str:
+    """Return the text that identifies a key in keyed state and in routing.
+
+    A key that crossed the wire or a snapshot is decoded from JSON, where a
+    tuple comes back as a list, so a tuple and a list with the same items
+    must give the same text. Scalars use ``repr`` (which keeps 1 and "1"
+    apart), containers JSON. Raises TypeError for a key that is no JSON value.
+    """
+    if type(key) in _SCALARS:
+        return repr(key)
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
 def encode_records(records: list[Record]) -> bytes:
@@ -84,7 +103,13 @@ def decode_payload(payload: bytes, batched: bool) -> list[Record]:
 
 
 def _decode_document(document: Any) -> Record:
-    if isinstance(document, dict) and set(document) == {"v", "t"}:
+    # Checked field by field rather than with a set: this runs once per record.
+    if (
+        type(document) is dict
+        and len(document) == 2
+        and "v" in document
+        and "t" in document
+    ):
         timestamp = document["t"]
         return Record(document["v"], int(timestamp) if timestamp is not None else None)
     return Record(document, None)

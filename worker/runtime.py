@@ -96,9 +96,10 @@ class Runtime:
         self.environment = environment
         self.reporter = reporter
         self.tasks: dict[TaskKey, Task] = {}
-        # Finished attempts, so that deploying one again cannot rerun it.
-        # NOTE: never pruned; it grows by one key per finished subtask.
-        self.finished: set[TaskKey] = set()
+        # How each ended attempt ended ("finished", "failed" or "canceled"),
+        # so that a late or repeated DeployTask cannot run it a second time.
+        # NOTE: never pruned; it grows by one key per ended attempt.
+        self.ended: dict[TaskKey, str] = {}
         # Deployments run one at a time, so that two calls for the same
         # attempt cannot both start it.
         self._deploying = asyncio.Lock()
@@ -106,8 +107,9 @@ class Runtime:
     async def deploy(self, descriptor: fpb.TaskDeploymentDescriptor) -> str | None:
         """Start one attempt; return None, or the reason it cannot run.
 
-        Deploying an attempt that runs already does nothing. A newer attempt
-        of the same subtask cancels the older one first.
+        Deploying an attempt that runs or finished already does nothing; one
+        that failed or was canceled is not run again. A newer attempt of the
+        same subtask cancels the older one first.
         """
         key = TaskKey(
             descriptor.job_graph_job_id,
@@ -122,9 +124,15 @@ class Runtime:
         self, key: TaskKey, descriptor: fpb.TaskDeploymentDescriptor
     ) -> str | None:
         self.reap()
-        if key in self.tasks or key in self.finished:
+        outcome = self.ended.get(key)
+        if key in self.tasks or outcome == "finished":
             logger.debug("task %s is deployed already", key)
             return None
+        if outcome is not None:
+            return (
+                f"attempt {key.attempt} of task {key.task_id} was {outcome} "
+                "here already; deploy a newer attempt"
+            )
         newer = [k.attempt for k in self._attempts_of(key) if k.attempt > key.attempt]
         if newer:
             return f"attempt {key.attempt} is stale: attempt {max(newer)} runs here"
@@ -140,16 +148,22 @@ class Runtime:
             logger.warning("deployment of task %s rejected: %s", key, exc)
             self._forget_channels(key)
             return str(exc)
+        except Exception as exc:
+            # User code runs while a task is built (an operator's constructor,
+            # a restore), so anything it raises must still be a reply.
+            logger.exception("building task %s failed", key)
+            self._forget_channels(key)
+            return f"building task {key} failed: {exc!r}"
         self.tasks[key] = task
         task.start()
         logger.info("task %s deployed", key)
         return None
 
     def _attempts_of(self, key: TaskKey) -> list[TaskKey]:
-        """Return the other attempts of the same subtask, running or finished."""
+        """Return the other attempts of the same subtask, running or ended."""
         return [
             other
-            for other in [*self.tasks, *self.finished]
+            for other in [*self.tasks, *self.ended]
             if (other.job_id, other.vertex_id, other.subtask_index)
             == (key.job_id, key.vertex_id, key.subtask_index)
             and other != key
@@ -161,6 +175,7 @@ class Runtime:
         if task is None:
             return False
         await task.cancel()
+        self.ended[key] = "canceled"
         self._forget_channels(key)
         return True
 
@@ -169,8 +184,7 @@ class Runtime:
         for key, task in list(self.tasks.items()):
             if task.done:
                 del self.tasks[key]
-                if task.finished:
-                    self.finished.add(key)
+                self.ended[key] = "finished" if task.finished else "failed"
                 self._forget_channels(key)
 
     def _forget_channels(self, key: TaskKey) -> None:
@@ -185,10 +199,14 @@ class Runtime:
         self.reap()
         return [t for k, t in self.tasks.items() if k.job_id == job_id]
 
-    def trigger(self, request: fpb.TriggerCheckpointRequest) -> bool:
+    def trigger(
+        self, request: fpb.TriggerCheckpointRequest, trace_options: bytes = b""
+    ) -> bool:
         """Inject a barrier into every source of the job; False if none runs."""
         triggered = [
-            task.trigger_checkpoint(request.checkpoint_id, request.checkpoint_timestamp)
+            task.trigger_checkpoint(
+                request.checkpoint_id, request.checkpoint_timestamp, trace_options
+            )
             for task in self.of_job(request.job_id)
         ]
         return any(triggered)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+import observability
+from observability import instruments
 from protos import jobledger_services_pb2_grpc as svc_grpc
 from protos import jobmanager_internal_pb2 as fpb
 from protos import jobmanager_internal_pb2_grpc as fpb_grpc
@@ -67,7 +69,9 @@ class Worker:
 
         Raises OSError when the listen address cannot be bound.
         """
-        server = grpc.aio.server(interceptors=[self.fence])
+        server = grpc.aio.server(
+            interceptors=[self.fence, *observability.server_interceptors()]
+        )
         host = self._listen(server)
         self.runtime = self._build_runtime()
         self._add_services(server, self.runtime)
@@ -108,7 +112,13 @@ class Worker:
 
     def _build_runtime(self) -> Runtime:
         state_dir = Path(self.config.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(
+                f"state directory {state_dir} cannot be created: {exc.strerror}; "
+                "give a writable --state-dir"
+            ) from exc
         reporter = CoordinatorReporter(self._client, self.task_manager_id)
         environment = TaskEnvironment(
             task_manager_id=self.task_manager_id,
@@ -140,6 +150,26 @@ class Worker:
             slots=self.config.slots,
             incarnation=self.config.incarnation,
         )
+
+    def register_gauges(self) -> None:
+        """Observe the records each running task read and wrote.
+
+        The callbacks run on the metric reader's thread, so they only read
+        a copy of the task table and never reap it.
+        """
+
+        def counts(outgoing: bool) -> list[tuple[float, dict[str, str]]]:
+            if self.runtime is None:
+                return []
+            return [
+                (
+                    task.writer.records_out if outgoing else task.records_in,
+                    {"jobledger.job.id": key.job_id, "jobledger.task.id": key.task_id},
+                )
+                for key, task in list(self.runtime.tasks.items())
+            ]
+
+        instruments.register_worker_gauges(lambda: counts(False), lambda: counts(True))
 
     async def wait_registered(self, timeout_s: float = 10.0) -> None:
         """Return once registered; raise TimeoutError otherwise."""

@@ -6,6 +6,9 @@ import logging
 
 import grpc
 
+import observability
+from observability import spans
+from observability.propagation import to_barrier_options
 from protos import jobledger_services_pb2 as svc
 from protos import jobledger_services_pb2_grpc as svc_grpc
 from protos import jobmanager_internal_pb2 as fpb
@@ -50,7 +53,11 @@ class TaskManagerCheckpointing(fpb_grpc.TaskManagerCheckpointingServicer):
     async def TriggerTaskCheckpoint(
         self, request: fpb.TriggerCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> fpb.TriggerCheckpointResponse:
-        triggered = self._runtime.trigger(request)
+        options = b""
+        if observability.tracing_enabled():
+            carrier = spans.carrier_for_worker(request.trace_context)
+            options = to_barrier_options(carrier)
+        triggered = self._runtime.trigger(request, options)
         if not triggered:
             logger.warning(
                 "checkpoint %d of job %s: no source of the job runs here",

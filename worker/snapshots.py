@@ -50,6 +50,8 @@ class SnapshotStore:
 
         Raises SnapshotError when the file cannot be written.
         """
+        # NOTE: a crash during the write leaves a hidden ".chk-N.json.PID.tmp"
+        # file beside the snapshot. No handle names it, and nothing deletes it.
         path = self.root / _safe(job_id) / _safe(task_id) / f"chk-{checkpoint_id}.json"
         try:
             write_atomically(path, data)

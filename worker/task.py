@@ -18,6 +18,9 @@ import logging
 import time
 from typing import Any, Protocol
 
+from opentelemetry.trace import Span
+
+from observability import spans
 from protos import jobledger_events_pb2 as pb
 from protos import jobmanager_internal_pb2 as fpb
 from worker.exchange import (
@@ -45,6 +48,14 @@ from worker.snapshots import SnapshotError, SnapshotStore
 from worker.writer import OutputEdge, RecordWriter
 
 logger = logging.getLogger(__name__)
+
+# Seconds a paced source may run ahead of its schedule before it sleeps.
+PACE_SLEEP_S = 0.002
+# Records a source task emits between two yields to the event loop, which
+# runs the worker's RPCs, heartbeats and other tasks. In a profile of the
+# flight-delays job one pass of the loop cost several times what one record
+# did, so yielding after every record took most of the source's time.
+SOURCE_YIELD_EVERY = 64
 
 
 class DescriptorError(ValueError):
@@ -140,6 +151,8 @@ class Task:
         self._failure: BaseException | None = None
         self._runner: asyncio.Task[None] | None = None
         self._source_watermark: int | None = None
+        self._paced_since: float | None = None
+        self._paced_records = 0
 
     # -------------------------------------------------------- lifecycle
 
@@ -253,12 +266,12 @@ class Task:
                 break
             self.records_in += 1
             self.head.emit(record)
-            if source.delay_s or self.writer.has_full_batch():
+            if self.writer.has_full_batch():
                 self._emit_source_watermark(source)
                 await self.writer.flush()
             if source.delay_s:
-                await asyncio.sleep(source.delay_s)
-            else:
+                await self._pace(source)
+            elif self.records_in % SOURCE_YIELD_EVERY == 0:
                 await asyncio.sleep(0)
         self._emit_source_watermark(source)
         self.head.emit_watermark(MAX_WATERMARK)
@@ -267,6 +280,27 @@ class Task:
             reason = "the source reached the end of its input"
             self._spawn(self._decline(barrier.checkpoint_id, reason))
         self._barriers.clear()
+
+    async def _pace(self, source: FileSource) -> None:
+        """Hold the source to one record per ``delay_s`` on average.
+
+        Sleeping after every record would cost a timer per record and cap
+        the rate well below what small delays ask for, so the task sleeps
+        only once it is ahead of the schedule by ``PACE_SLEEP_S``. It sends
+        what is queued first, so that nothing waits out the pause.
+        """
+        now = time.monotonic()
+        if self._paced_since is None:
+            self._paced_since, self._paced_records = now, 0
+        self._paced_records += 1
+        ahead = self._paced_since + self._paced_records * source.delay_s - now
+        if ahead < PACE_SLEEP_S:
+            if self.records_in % SOURCE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            return
+        self._emit_source_watermark(source)
+        await self.writer.flush()
+        await asyncio.sleep(ahead)
 
     def _emit_source_watermark(self, source: FileSource) -> None:
         watermark = source.watermark()
@@ -291,22 +325,34 @@ class Task:
             elif isinstance(element, Watermark):
                 self.head.emit_watermark(element.timestamp)
             elif isinstance(element, Barrier):
-                await self._checkpoint(element)
+                await self._checkpoint(element, gate.alignment_started_ns)
             if self.writer.has_full_batch():
                 await self.writer.flush()
 
     # -------------------------------------------------------- checkpoints
 
-    def trigger_checkpoint(self, checkpoint_id: int, timestamp: int) -> bool:
+    def trigger_checkpoint(
+        self, checkpoint_id: int, timestamp: int, trace_options: bytes = b""
+    ) -> bool:
         """Inject a barrier after the current record; False if not a source."""
         if self.source is None or self.finished:
             return False
-        self._barriers.append(Barrier(checkpoint_id, timestamp))
+        self._barriers.append(Barrier(checkpoint_id, timestamp, trace_options))
         return True
 
-    async def _checkpoint(self, barrier: Barrier) -> None:
+    async def _checkpoint(
+        self, barrier: Barrier, alignment_started_ns: int = 0
+    ) -> None:
         """Snapshot the chain at ``barrier``, forward it, and acknowledge."""
         started = time.monotonic()
+        span = spans.start_task_checkpoint(
+            self.key.job_id,
+            self.key.task_id,
+            self.key.attempt,
+            barrier.checkpoint_id,
+            barrier.trace_options,
+            alignment_started_ns,
+        )
         await self.writer.flush()
         offsets = self.source.offsets() if self.source else {}
         data: bytes | None = None
@@ -317,11 +363,14 @@ class Task:
             # The checkpoint fails, the task goes on: the barrier is still
             # forwarded so that downstream tasks do not stay blocked.
             logger.warning("task %s: %s", self.key, exc)
+            spans.end_task_checkpoint(span, failure=str(exc))
             self._spawn(self._decline(barrier.checkpoint_id, str(exc)))
         self.writer.broadcast(barrier)
         await self.writer.flush()
         if data is not None:
-            self._spawn(self._persist(barrier.checkpoint_id, data, offsets, started))
+            self._spawn(
+                self._persist(barrier.checkpoint_id, data, offsets, started, span)
+            )
 
     def _snapshot_state(self, checkpoint_id: int) -> dict[str, Any]:
         """Collect the chain's state; raise SnapshotError naming the operator."""
@@ -345,7 +394,12 @@ class Task:
         }
 
     async def _persist(
-        self, checkpoint_id: int, data: bytes, offsets: dict[str, int], started: float
+        self,
+        checkpoint_id: int,
+        data: bytes,
+        offsets: dict[str, int],
+        started: float,
+        span: Span | None = None,
     ) -> None:
         store = self.environment.snapshots
         try:
@@ -354,8 +408,10 @@ class Task:
             )
         except SnapshotError as exc:
             logger.warning("task %s: %s", self.key, exc)
+            spans.end_task_checkpoint(span, failure=str(exc))
             await self._decline(checkpoint_id, str(exc))
             return
+        duration_ms = int((time.monotonic() - started) * 1000)
         request = fpb.AcknowledgeCheckpointRequest(
             job_id=self.key.job_id,
             checkpoint_id=checkpoint_id,
@@ -365,10 +421,13 @@ class Task:
             snapshot_handle=handle,
             source_offsets=offsets,
             snapshot_size=size,
-            duration=int((time.monotonic() - started) * 1000),
+            duration=duration_ms,
         )
         logger.debug("task %s acknowledges checkpoint %d", self.key, checkpoint_id)
-        await self.environment.reporter.acknowledge(request)
+        # The acknowledgement's RPC span is a child of the snapshot span.
+        with spans.use(span):
+            spans.end_task_checkpoint(span, size, duration_ms)
+            await self.environment.reporter.acknowledge(request)
 
     async def _decline(self, checkpoint_id: int, reason: str) -> None:
         request = fpb.ReportFailedCheckpointRequest(
@@ -482,10 +541,12 @@ def _senders(
     """Return a sender per output, by target vertex and subtask index."""
     by_vertex: dict[str, dict[int, Sender]] = {}
     for output in descriptor.outputs:
-        if not output.target_task_endpoint:
+        host, _, port = output.target_task_endpoint.rpartition(":")
+        if not host or not port.isdigit():
             raise DescriptorError(
                 f"output to {output.target_vertex_id}_"
-                f"{output.target_specific_subtask_index} has no target_task_endpoint"
+                f"{output.target_specific_subtask_index} has target_task_endpoint "
+                f"{output.target_task_endpoint!r}, which is not HOST:PORT"
             )
         channel_key = ChannelKey(
             key.job_id,
@@ -551,18 +612,35 @@ def _restore(
             state = store.read(descriptor.recovery_snapshot_handle)
         except SnapshotError as exc:
             raise DescriptorError(str(exc)) from exc
-        states = state.get("operators", [])
-        if len(states) != len(operators):
+        handle = descriptor.recovery_snapshot_handle
+        states = state.get("operators") if isinstance(state, dict) else None
+        if not isinstance(states, list) or len(states) != len(operators):
             raise DescriptorError(
-                f"snapshot {descriptor.recovery_snapshot_handle} has "
-                f"{len(states)} operator states, the chain has {len(operators)}"
+                f"snapshot {handle} does not hold one state per operator of the "
+                f"chain ({len(operators)}); was it written by another job?"
             )
-        for operator, operator_state in zip(operators, states, strict=True):
-            if operator_state is not None:
-                operator.restore_state(operator_state)
+        for position, (operator, operator_state) in enumerate(
+            zip(operators, states, strict=True)
+        ):
+            _restore_operator(handle, position, operator, operator_state)
         offsets = offsets or state.get("source_offsets", {})
     if source is not None:
         source.restore_offsets(offsets)
+
+
+def _restore_operator(
+    handle: str, position: int, operator: Operator, state: Any
+) -> None:
+    """Restore one operator; raise DescriptorError when the state does not fit."""
+    if state is None:
+        return
+    try:
+        operator.restore_state(state)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise DescriptorError(
+            f"snapshot {handle}: the state of operator {position} "
+            f"({type(operator).__name__}) cannot be restored: {exc!r}"
+        ) from exc
 
 
 def build_task(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -32,3 +33,21 @@ def as_set(accumulator: Any, value: Any) -> Any:
 
 def reject(value: Any) -> bool:
     return False
+
+
+def slow_identity(value: Any) -> Any:
+    """Return the value after 0.1 ms, as a sink slower than its source does.
+
+    It blocks the event loop on purpose: the worker runs operators inline.
+    """
+    time.sleep(0.0001)
+    return value
+
+
+def user_and_parity(value: dict[str, Any]) -> tuple[str, int]:
+    """Return a composite key, a tuple, which JSON turns into a list."""
+    return (value["user"], value["amount"] % 2)
+
+
+def k_and_zero(value: dict[str, Any]) -> tuple[Any, int]:
+    return (value["k"], 0)

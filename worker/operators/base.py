@@ -99,6 +99,11 @@ def load_function(spec: str, field: str) -> Callable[..., Any]:
         raise ConfigError(
             f"{field} {spec!r}: cannot import {module_name}: {exc}"
         ) from exc
+    except Exception as exc:
+        # The module's own code failed while it was imported.
+        raise ConfigError(
+            f"{field} {spec!r}: importing {module_name} failed: {exc!r}"
+        ) from exc
     function = getattr(module, attribute, None)
     if not callable(function):
         raise ConfigError(

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.durable import fsync_directory, write_atomically
+from worker.durable import fsync_directory, remove_temporaries, write_atomically
 from worker.operators.base import (
     ConfigError,
     Operator,
@@ -33,7 +33,7 @@ from worker.operators.base import (
     optional,
     required,
 )
-from worker.records import Record
+from worker.records import Record, key_text
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class FileSink(Operator):
     def process(self, record: Record, output: Output) -> None:
         if self.key_of is not None:
             key = self.key_of(record.value)
-            self.table[repr(key)] = (key, record.value)
+            self.table[key_text(key)] = (key, record.value)
         else:
             self.buffer.append(record.value)
 
@@ -112,9 +112,12 @@ class FileSink(Operator):
             ordered = sorted(self.table.values(), key=lambda kv: json.dumps(kv[0]))
             lines = [value for _, value in ordered]
         else:
-            lines, self.buffer = self.buffer, []
+            lines = self.buffer
         data = "".join(json.dumps(value) + "\n" for value in lines).encode()
         write_atomically(self._staged(transaction), data)
+        # Cleared only once staged, so that a failed staging keeps the records
+        # for the next checkpoint.
+        self.buffer = []
 
     def _staged(self, transaction: int) -> Path:
         return self.staging / f"{transaction}.jsonl"
@@ -183,7 +186,7 @@ class FileSink(Operator):
     def restore_state(self, state: Any) -> None:
         self.pending = list(state["pending"])
         if self.key_of is not None:
-            self.table = {repr(k): (k, v) for k, v in state.get("table", [])}
+            self.table = {key_text(k): (k, v) for k, v in state.get("table", [])}
 
     def recover(self, checkpoint_id: int) -> None:
         """Finish the commits of checkpoint ``checkpoint_id`` and drop newer work.
@@ -192,6 +195,9 @@ class FileSink(Operator):
         before the first record.
         """
         self.staging.mkdir(parents=True, exist_ok=True)
+        # Writes that a crash interrupted left temporary files behind.
+        for target in (self.path, self.commit_log, self.staging / "*"):
+            remove_temporaries(target)
         for transaction in self.pending:
             if transaction <= checkpoint_id:
                 self._commit(transaction)

@@ -15,7 +15,7 @@ from worker.operators.base import (
     optional,
     required,
 )
-from worker.records import Record
+from worker.records import Record, key_text
 
 
 class MapOperator(Operator):
@@ -125,5 +125,4 @@ class AggregateOperator(Operator):
 
 
 def _state_key(key: Any) -> str:
-    # repr keeps 1 and "1" apart and is stable for JSON values.
-    return repr(key)
+    return key_text(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 from typing import Any
 
@@ -14,7 +15,7 @@ from worker.operators.base import (
     required,
 )
 from worker.operators.transforms import KeyedAggregate
-from worker.records import Record
+from worker.records import Record, key_text
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,12 @@ class TumblingWindowOperator(Operator):
     last millisecond, emitting ``{"key", "window_start", "window_end",
     "value"}``. Its state is kept for the allowed lateness after that, and
     each late record within it updates the window and fires it again with
-    the new value. Records later than that are dropped and counted.
+    the new value (a late record that opens a window fires it at once).
+    Records later than that are dropped and counted.
+
+    Windows wait in two heaps ordered by start, one until they fire and one
+    until they expire, so a watermark costs O(log n) per window it fires or
+    expires rather than a pass over every window.
     """
 
     def __init__(self, config: dict[str, Any], context: OperatorContext) -> None:
@@ -39,8 +45,10 @@ class TumblingWindowOperator(Operator):
         if self.lateness_ms < 0:
             raise ConfigError(f"allowed_lateness_ms {self.lateness_ms} is negative")
         self.aggregate = KeyedAggregate(config, context)
-        # (repr of key, window start) -> [key, start, accumulator, fired]
+        # (key_text of key, window start) -> [key, start, accumulator, fired]
         self.windows: dict[tuple[str, int], list[Any]] = {}
+        self._to_fire: list[tuple[int, tuple[str, int]]] = []
+        self._to_expire: list[tuple[int, tuple[str, int]]] = []
         self.watermark: int | None = None
         self.dropped = 0
 
@@ -56,23 +64,39 @@ class TumblingWindowOperator(Operator):
             logger.debug("task %s dropped a record too late", self.context.task_id)
             return
         key = self.aggregate.key_of(record.value)
-        window = self.windows.setdefault((repr(key), start), [key, start, None, False])
+        slot = (key_text(key), start)
+        window = self.windows.get(slot)
+        if window is None:
+            window = self._open_window(slot, key, start)
         window[2] = self.aggregate.reduce(
             window[2], self.aggregate.input_of(record.value)
         )
         if window[3]:
             # A late record within the allowed lateness fires the window again.
             self._fire(window, output)
+        elif self.watermark is not None and start + self.size_ms - 1 <= self.watermark:
+            window[3] = True
+            self._fire(window, output)
+
+    def _open_window(self, slot: tuple[str, int], key: Any, start: int) -> list[Any]:
+        window = [key, start, None, False]
+        self.windows[slot] = window
+        heapq.heappush(self._to_fire, (start, slot))
+        heapq.heappush(self._to_expire, (start, slot))
+        return window
 
     def on_watermark(self, timestamp: int, output: Output) -> None:
         self.watermark = timestamp
-        for slot, window in sorted(self.windows.items(), key=lambda item: item[0][1]):
-            end = window[1] + self.size_ms
-            if not window[3] and end - 1 <= timestamp:
+        # A window fires when the watermark reaches its last millisecond.
+        while self._to_fire and self._to_fire[0][0] + self.size_ms - 1 <= timestamp:
+            _, slot = heapq.heappop(self._to_fire)
+            window = self.windows.get(slot)
+            if window is not None and not window[3]:
                 window[3] = True
                 self._fire(window, output)
-            if self._expired(window[1]):
-                del self.windows[slot]
+        while self._to_expire and self._expired(self._to_expire[0][0]):
+            _, slot = heapq.heappop(self._to_expire)
+            self.windows.pop(slot, None)
         output.emit_watermark(timestamp)
 
     def _expired(self, start: int) -> bool:
@@ -94,6 +118,11 @@ class TumblingWindowOperator(Operator):
         }
 
     def restore_state(self, state: Any) -> None:
-        self.windows = {(repr(w[0]), w[1]): list(w) for w in state["windows"]}
+        self.windows = {(key_text(w[0]), w[1]): list(w) for w in state["windows"]}
+        self._to_expire = sorted((slot[1], slot) for slot in self.windows)
+        self._to_fire = [
+            (slot[1], slot) for slot, window in self.windows.items() if not window[3]
+        ]
+        heapq.heapify(self._to_fire)
         self.watermark = state["watermark"]
         self.dropped = state["dropped"]
