@@ -16,6 +16,10 @@ and every worker it calls is a small gRPC server in this process.
   from spawning a coordinator on it until GetOverview succeeds, which only
   a leader serves, is measured without a snapshot, then again after a
   snapshot of the replayed state was saved.
+- Tracing: AcknowledgeCheckpoint as above against coordinators with
+  tracing off, on (every span exported over OTLP to a real Jaeger,
+  ``tools/bin/jaeger``), and on with the acknowledgements' service left
+  out of tracing. ``--tracing-only`` runs this case alone.
 
 Each figure is the median of a few repetitions. The last line of the output
 is one JSON object with every figure.
@@ -51,6 +55,7 @@ from typing import Any
 import grpc
 
 from bench.eventlog import cpu_count, filesystem_type
+from bench.jaeger import JAEGER, Jaeger
 from coordinator.replay import replay
 from eventlog import SqliteEventLog
 from protos import jobledger_events_pb2 as pb
@@ -139,8 +144,16 @@ _CHANNEL_OPTIONS = (
 class CoordinatorProcess:
     """A ``jobledger coordinator`` subprocess and a channel to it."""
 
-    def __init__(self, db: str, log_path: Path, options: Sequence[str]) -> None:
+    def __init__(
+        self,
+        db: str,
+        log_path: Path,
+        options: Sequence[str],
+        environ: dict[str, str] | None = None,
+    ) -> None:
         self.db = db
+        # Added to this process's environment, e.g. OTEL_* variables.
+        self.environ = environ or {}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -174,6 +187,7 @@ class CoordinatorProcess:
                 stdout=output,
                 stderr=output,
                 cwd=REPO_ROOT,
+                env={**os.environ, **self.environ},
             )
         await self._wait_leader(started + timeout_s)
         return time.perf_counter() - started
@@ -640,11 +654,21 @@ def throughput_options(settings: Settings) -> list[str]:
 
 
 async def start_target(
-    log: str, folder: Path, settings: Settings, worker: BenchWorker
+    log: str,
+    folder: Path,
+    settings: Settings,
+    worker: BenchWorker,
+    environ: dict[str, str] | None = None,
+    name: str = "",
 ) -> Target:
-    db = ":memory:" if log == "memory" else str(folder / "throughput.db")
+    """Start a coordinator on a ``log`` ("sqlite" or "memory") with a job.
+
+    ``name`` tells apart the files of two targets on the same kind of log.
+    """
+    name = name or log
+    db = ":memory:" if log == "memory" else str(folder / f"throughput-{name}.db")
     coordinator = CoordinatorProcess(
-        db, folder / f"coordinator-{log}.log", throughput_options(settings)
+        db, folder / f"coordinator-{name}.log", throughput_options(settings), environ
     )
     await coordinator.start()
     task_managers = [f"tm-{i + 1}" for i in range(WORKERS)]
@@ -762,6 +786,113 @@ async def measure_acks(
     run = await run_clients(context, specs, target.coordinator.pid)
     await wait_completed(target, max(ids))
     return run
+
+
+# ------------------------------------------------------------ tracing
+
+
+def _cpu_per_rpc_us(runs: Sequence[Run]) -> float | None:
+    """Return the median coordinator CPU time per RPC in µs, if it was read.
+
+    Less sensitive than the rate to other processes taking the CPU.
+    """
+    values = [
+        r.coordinator_cores * r.seconds / r.rpcs * 1e6
+        for r in runs
+        if r.coordinator_cores is not None
+    ]
+    return round(_median(values)) if values else None
+
+
+def tracing_environ(jaeger: Jaeger) -> dict[str, str]:
+    """Return the environment that sends a coordinator's spans to ``jaeger``."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.otlp_endpoint,
+        "OTEL_METRICS_EXPORTER": "none",
+        # A queue that holds every span of a run, so none is dropped, and
+        # exports every 0.2 s rather than 5 s, so that spans are exported
+        # while the run they belong to is measured.
+        "OTEL_BSP_MAX_QUEUE_SIZE": "262144",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+
+
+# The tracing cases: tracing off, on, and on with the acknowledgements'
+# service left out, as OTEL_PYTHON_GRPC_EXCLUDED_SERVICES allows.
+TRACING_CASES = ("off", "on", "on, TaskManagerRegistration untraced")
+_REGISTRATION = "FlinkDotNet.Proto.TaskManagerRegistration"
+
+
+async def _traced_targets(
+    jaeger: Jaeger, folder: Path, settings: Settings, worker: BenchWorker
+) -> list[Target]:
+    """Start the coordinators of the two traced cases, on their own logs."""
+    untraced_acks = {
+        **tracing_environ(jaeger),
+        "OTEL_PYTHON_GRPC_EXCLUDED_SERVICES": _REGISTRATION,
+    }
+    environs = [tracing_environ(jaeger), untraced_acks]
+    return [
+        await start_target("sqlite", folder, settings, worker, environ, f"traced-{n}")
+        for n, environ in enumerate(environs)
+    ]
+
+
+async def measure_tracing(
+    context: multiprocessing.context.SpawnContext,
+    settings: Settings,
+    folder: Path,
+    worker: BenchWorker,
+    untraced: Target,
+) -> dict[str, Any]:
+    """Measure AcknowledgeCheckpoint with tracing off and on, taking turns.
+
+    ``untraced`` is a coordinator on a SQLite log without tracing; two more,
+    each on its own SQLite log, export their spans over OTLP to a real
+    Jaeger. Returns no figures when ``tools/bin/jaeger`` is missing.
+    """
+    if not JAEGER.exists():
+        print(f"tracing: skipped, {JAEGER} is missing (build it with `make jaeger`)")
+        return {}
+    jaeger = Jaeger(folder)
+    await jaeger.start()
+    traced: list[Target] = []
+    runs: dict[str, list[Run]] = {case: [] for case in TRACING_CASES}
+    try:
+        traced = await _traced_targets(jaeger, folder, settings, worker)
+        targets = dict(zip(TRACING_CASES, [untraced, *traced], strict=True))
+        for _ in range(settings.repetitions):
+            for case, target in targets.items():
+                runs[case].append(await measure_acks(context, target, settings))
+        # Wait for the last export, then count the checkpoint traces.
+        await asyncio.sleep(1.0)
+        traces = await jaeger.trace_count("jobledger-coordinator", "checkpoint.trigger")
+    finally:
+        for target in traced:
+            await target.coordinator.stop()
+        await jaeger.stop()
+    return _tracing_figures(runs, traces)
+
+
+def _tracing_figures(runs: dict[str, list[Run]], traces: int) -> dict[str, Any]:
+    figures: dict[str, Any] = {"tracing_checkpoint_traces": traces}
+    off = _median([r.rate for r in runs["off"]])
+    for case, key in zip(TRACING_CASES, ("off", "on", "on_acks_untraced"), strict=True):
+        _print_runs(f"AcknowledgeCheckpoint, tracing {case}", runs[case])
+        rate = _median([r.rate for r in runs[case]])
+        cpu = _cpu_per_rpc_us(runs[case])
+        figures[f"ack_tracing_{key}_rpcs_per_s"] = round(rate)
+        figures[f"ack_tracing_{key}_coordinator_cpu_us_per_rpc"] = cpu
+        figures[f"ratio_ack_tracing_{key}_to_off"] = round(rate / off, 3)
+        print(
+            f"  tracing {case}: {rate / off:.3f} of the rate with tracing off; "
+            f"coordinator CPU {cpu} µs per RPC (median of the runs)"
+        )
+    print(
+        f"target: tracing on at 0.9 or more of off; Jaeger stored {traces} "
+        "checkpoint traces"
+    )
+    return figures
 
 
 # ------------------------------------------------------------ restart
@@ -958,6 +1089,9 @@ async def run(settings: Settings, folder: Path) -> dict[str, Any]:
                 acks[log].append(await measure_acks(context, targets[log], settings))
         for log in LOGS:
             _print_runs(f"AcknowledgeCheckpoint, {log} log", acks[log])
+        tracing = await measure_tracing(
+            context, settings, folder, worker, targets["sqlite"]
+        )
     finally:
         for target in targets.values():
             await target.coordinator.stop()
@@ -996,6 +1130,7 @@ async def run(settings: Settings, folder: Path) -> dict[str, Any]:
         "job_tasks": len(targets["sqlite"].tasks),
         "checkpoints_per_ack_run": settings.checkpoints,
         **figures,
+        **tracing,
         "restart_events": settings.restart_events,
         "restart_log_write_s": round(restarts.build_s, 2),
         "start_empty_log_s": _rounded_median(restarts.empty),
@@ -1009,6 +1144,22 @@ async def run(settings: Settings, folder: Path) -> dict[str, Any]:
         ),
         "snapshot_bytes": restarts.snapshot_bytes,
     }
+
+
+async def run_tracing(settings: Settings, folder: Path) -> dict[str, Any]:
+    """Run only the tracing case, against its own untraced coordinator."""
+    context = multiprocessing.get_context("spawn")
+    worker = BenchWorker()
+    await worker.start()
+    untraced: Target | None = None
+    try:
+        untraced = await start_target("sqlite", folder, settings, worker)
+        tracing = await measure_tracing(context, settings, folder, worker, untraced)
+    finally:
+        if untraced is not None:
+            await untraced.coordinator.stop()
+        await worker.stop()
+    return {"benchmark": "coordinator tracing", "quick": settings.quick, **tracing}
 
 
 def _rounded_median(starts: Sequence[Start]) -> float:
@@ -1053,6 +1204,11 @@ def main(argv: list[str] | None = None) -> None:
         "are created (default: the system's temporary folder); it must be on "
         "the disk to be measured",
     )
+    parser.add_argument(
+        "--tracing-only",
+        action="store_true",
+        help="measure only AcknowledgeCheckpoint with tracing off and on",
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="jobledger-bench-", dir=args.dir) as name:
@@ -1064,7 +1220,8 @@ def main(argv: list[str] | None = None) -> None:
             f"SQLite {sqlite3.sqlite_version}, files in {folder} "
             f"({filesystem_type(folder)})"
         )
-        figures = asyncio.run(run(settings, folder))
+        runner = run_tracing if args.tracing_only else run
+        figures = asyncio.run(runner(settings, folder))
     print(json.dumps(figures), flush=True)
 
 

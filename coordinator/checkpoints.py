@@ -28,6 +28,7 @@ from coordinator.decision import (
 )
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
 from coordinator.jobs import get_job
+from observability import spans
 from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2 as svc
 from protos import jobmanager_internal_pb2 as fpb
@@ -213,11 +214,15 @@ def _can_trigger(ctx: Context, job: pb.JobState) -> str | None:
 def _trigger_event(
     ctx: Context, job: pb.JobState, checkpoint_id: int, manual: bool
 ) -> pb.Event:
+    tasks = sorted(job.tasks)
     triggered = pb.CheckpointTriggered(
         checkpoint_id=checkpoint_id,
         job_id=job.job_id,
-        tasks_to_acknowledge=sorted(job.tasks),
+        tasks_to_acknowledge=tasks,
         manual=manual,
+        # The root span of the checkpoint's trace; what any coordinator
+        # records for this checkpoint later joins it through this context.
+        trace_context=spans.trigger_span(job.job_id, checkpoint_id, len(tasks), manual),
     )
     return event(checkpoint_triggered=triggered)
 

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from coordinator.client import add_client_parsers
 from coordinator.config import (
     CheckpointConfig,
     CoordinatorConfig,
@@ -16,6 +17,10 @@ from coordinator.config import (
     FixedDelayRestart,
     RestartStrategy,
 )
+from coordinator.demo import add_demo_parser
+from observability import Telemetry, configure_logging
+from observability.cli import add_metrics_arguments, instance_id, telemetry_from_args
+from worker.cli import add_worker_parser
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +95,17 @@ def _add_coordinator_parser(commands: argparse._SubParsersAction) -> None:  # ty
     group.add_argument("--restart-attempts", type=_count, default=3)
     group.add_argument("--restart-delay", type=_non_negative, default=1.0)
     group = parser.add_argument_group("log and leadership")
-    group.add_argument("--lease", type=_positive, default=2.0, help="lease seconds")
+    group.add_argument(
+        "--lease",
+        type=_positive,
+        default=2.0,
+        help="seconds the leader's lease lasts without renewal; the leader renews "
+        "it every third of that, and a standby takes over once it expires "
+        "(default %(default)s)",
+    )
     group.add_argument("--snapshot-every", type=_count, default=10_000)
     group.add_argument("--retain-events", type=_count, default=10_000)
+    add_metrics_arguments(parser)
     parser.set_defaults(handler=_run_coordinator)
 
 
@@ -147,10 +160,17 @@ def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
     )
 
 
-async def _serve_until_signal(config: CoordinatorConfig) -> None:
+async def _serve_until_signal(
+    config: CoordinatorConfig, telemetry: Telemetry | None = None
+) -> None:
     from coordinator.server import Coordinator
 
     coordinator = Coordinator(config)
+    if telemetry is not None:
+        telemetry.set_epoch_source(
+            lambda: coordinator.engine.epoch if coordinator.engine else 0
+        )
+        coordinator.register_gauges()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -165,7 +185,13 @@ async def _serve_until_signal(config: CoordinatorConfig) -> None:
 
 def _run_coordinator(args: argparse.Namespace) -> int:
     config = coordinator_config(args)
-    asyncio.run(_serve_until_signal(config))
+    telemetry = telemetry_from_args(
+        args, "jobledger-coordinator", instance_id(args.coordinator_id, args.listen)
+    )
+    try:
+        asyncio.run(_serve_until_signal(config, telemetry))
+    finally:
+        telemetry.shutdown()
     return 0
 
 
@@ -183,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_coordinator_parser(commands)
+    add_worker_parser(commands)
+    add_client_parsers(commands)
+    add_demo_parser(commands)
     return parser
 
 
@@ -190,11 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     try:
         return int(args.handler(args))
     except ValueError as exc:

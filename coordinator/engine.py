@@ -20,13 +20,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from coordinator import checkpoints, jobs
+from coordinator import checkpoints, jobs, reconcile
 from coordinator.config import CoordinatorConfig
 from coordinator.decision import Context, Decision, Effect
 from coordinator.errors import NotLeader, ReplayError
 from coordinator.replay import replay
 from coordinator.state import apply
 from eventlog import EventLog, EventLogError, Lease, now_ms
+from observability import instruments, spans
 from protos import jobledger_events_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ class Engine:
         self._durable_seq = 0
         self._durable = asyncio.Condition()
         self.lost = asyncio.Event()
+        # What the workers reported running since this coordinator took over,
+        # and what the state had running then; leader-local, never events.
+        self.reported_running: dict[str, set[reconcile.Attempt]] = {}
+        self.running_at_takeover: dict[str, set[reconcile.Attempt]] = {}
 
     # ------------------------------------------------------------ leadership
 
@@ -95,12 +100,16 @@ class Engine:
         """The epoch this coordinator leads at, or 0 while it stands by."""
         return self.lease.epoch if self.lease is not None else 0
 
-    async def lead(self, lease: Lease) -> None:
-        """Rebuild the state from the log and start deciding at the lease's epoch.
+    async def lead(
+        self, lease: Lease, state: pb.CoordinatorState | None = None
+    ) -> None:
+        """Start deciding at the lease's epoch, from ``state`` or a replay.
 
-        The log already holds the LeaderElected event of ``lease``.
+        The log already contains the LeaderElected event of ``lease``, and
+        ``state``, when given, has applied every event of the log: a
+        standby's followed state. Without it the state is replayed.
         """
-        self.state, _ = await replay(self.log)
+        self.state = state if state is not None else (await replay(self.log))[0]
         if self.state.epoch != lease.epoch:
             raise ReplayError(
                 self.state.applied_seq,
@@ -109,6 +118,8 @@ class Engine:
                 f"{lease.epoch}",
             )
         self._durable_seq = self.state.applied_seq
+        self.reported_running = {}
+        self.running_at_takeover = reconcile.running_at_takeover(self.state)
         self.lost.clear()
         self.lease = lease
         logger.info(
@@ -133,6 +144,25 @@ class Engine:
         self.state = pb.CoordinatorState()
         self.lost.set()
 
+    def leads_at(self, epoch: int) -> bool:
+        """Return whether this coordinator still leads at ``epoch``.
+
+        A lease that expired unrenewed (the process was paused, or renewals
+        failed) steps down first: another coordinator may lead by now.
+        """
+        lease = self.lease
+        if lease is None or lease.epoch != epoch:
+            return False
+        if now_ms() >= lease.expires_ms:
+            self.step_down("the lease expired before it was renewed")
+            return False
+        return True
+
+    def record_running(self, tm_id: str, attempts: set[reconcile.Attempt]) -> None:
+        """Note the attempts a worker's acknowledged heartbeat listed."""
+        if self.lease is not None:
+            self.reported_running.setdefault(tm_id, set()).update(attempts)
+
     def renewed(self, lease: Lease) -> None:
         """Record a renewed lease of the current epoch."""
         if self.lease is not None and self.lease.epoch == lease.epoch:
@@ -148,13 +178,14 @@ class Engine:
         the leadership before the events are durable.
         """
         lease = self.lease
-        if lease is None:
+        if lease is None or not self.leads_at(lease.epoch):
             raise NotLeader(self.leader_address)
         ctx = Context(self.state, self.config, now_ms(), self._rng)
         decision = decider(ctx, *args)
         events, effects = self._apply_decision(ctx, lease.epoch, decision)
         if events:
             await self._append(events, lease.epoch)
+            spans.record_events(self.state, events)
         if effects and self.effect_sink is not None:
             self.effect_sink(effects, lease.epoch)
         return decision.reply
@@ -163,7 +194,7 @@ class Engine:
         self, epoch: int, decider: Callable[..., Decision], *args: Any
     ) -> Any:
         """Run ``execute`` only while still leading at ``epoch``; else None."""
-        if self.epoch != epoch:
+        if not self.leads_at(epoch):
             return None
         return await self.execute(decider, *args)
 
@@ -231,11 +262,14 @@ class Engine:
 
     async def _append(self, events: list[pb.Event], epoch: int) -> None:
         expected_first = events[0].seq
+        started = time.perf_counter()
         try:
             seqs = await self.log.append(events, epoch)
         except EventLogError as exc:
             self.step_down(f"append failed: {exc}")
             raise NotLeader(self.leader_address) from exc
+        instruments.log_append_duration.record(time.perf_counter() - started)
+        instruments.log_append_events.record(len(events))
         if seqs[0] != expected_first:
             self.step_down(
                 f"the log assigned seq {seqs[0]} where seq {expected_first} was "

@@ -24,6 +24,7 @@ from coordinator.decision import (
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
 from coordinator.ids import task_id
 from coordinator.restart import next_restart_delay_ms
+from observability import spans
 from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2 as svc
 from protos import jobmanager_internal_pb2 as fpb
@@ -108,6 +109,8 @@ def _apply_job_failing_over(
     job.last_restart_delay_ms = body.backoff_ms
     job.restore_checkpoint_id = body.restore_checkpoint_id
     job.failover_attempts += 1
+    job.recovery_trace_context.clear()
+    job.recovery_trace_context.update(body.trace_context)
     _cancel_tasks(job, now)
 
 
@@ -376,6 +379,9 @@ def fail_over(ctx: Context, job: pb.JobState, reason: str) -> list[pb.Event]:
         restart_at_ms=ctx.now_ms + jittered,
         restore_checkpoint_id=job.latest_completed_checkpoint_id,
         backoff_ms=backoff,
+        trace_context=spans.failover_span(
+            job.job_id, reason, jittered, job.latest_completed_checkpoint_id
+        ),
     )
     events.append(event(job_failing_over=failing))
     return events

@@ -8,6 +8,7 @@ import time
 
 from coordinator.state import apply, new_state
 from eventlog import EventLog
+from observability import instruments
 from protos import jobledger_events_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ async def replay(log: EventLog) -> tuple[pb.CoordinatorState, ReplayStats]:
         apply(state, event)
         count += 1
     stats = ReplayStats(snapshot_seq, count, (time.perf_counter() - started) * 1000)
+    instruments.replay_duration.record(stats.elapsed_ms / 1000)
     logger.info(
         "replayed %d events after snapshot seq %d in %.0f ms: %d jobs, "
         "%d task managers, %d checkpoints, last seq %d",

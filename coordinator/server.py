@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator import jobs
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import Engine
 from coordinator.leader import Leadership
@@ -21,6 +22,8 @@ from coordinator.servicers import (
 )
 from coordinator.workers import WorkerCalls
 from eventlog import EventLog, MemoryEventLog, SqliteEventLog
+from observability import instruments
+from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2 as svc
 from protos import jobledger_services_pb2_grpc as svc_grpc
 from protos import jobmanager_internal_pb2 as fpb
@@ -70,6 +73,7 @@ class Coordinator:
     async def start(self) -> int:
         """Open the log, serve, and start taking part in leadership."""
         await self.log.open()
+        # The servicers record the RPC spans (see servicers.rpc).
         server = grpc.aio.server()
         host = self.config.listen.rpartition(":")[0]
         try:
@@ -122,6 +126,29 @@ class Coordinator:
             logger.exception("leadership failed; the coordinator stops serving")
             await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             raise
+
+    def register_gauges(self) -> None:
+        """Observe task managers and free slots while this coordinator leads."""
+
+        def alive() -> list[tuple[float, dict[str, str]]]:
+            engine = self.engine
+            if engine is None or not engine.is_leader:
+                return []
+            count = sum(
+                1
+                for tm in engine.state.task_managers.values()
+                if tm.status == pb.TASK_MANAGER_ALIVE
+            )
+            return [(count, {})]
+
+        def free() -> list[tuple[float, dict[str, str]]]:
+            engine = self.engine
+            if engine is None or not engine.is_leader:
+                return []
+            slots = jobs.slots_free(engine.state)
+            return [(sum(max(0, n) for n in slots.values()), {})]
+
+        instruments.register_coordinator_gauges(alive, free)
 
     async def wait_until_leader(self, timeout_s: float = 10.0) -> None:
         """Return once this coordinator leads; raise TimeoutError otherwise."""

@@ -15,12 +15,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from coordinator import checkpoints, jobs, taskmanagers
+from coordinator import checkpoints, jobs, reconcile, taskmanagers
 from coordinator.checkpoints import AckOutcome
 from coordinator.engine import Engine
 from coordinator.errors import CommandRejected, InvalidArgument, NotLeader
 from coordinator.ids import split_task_id, task_id
-from eventlog import EventLog
+from eventlog import EventLog, now_ms
+from observability import spans, traces_service, tracing_enabled
+from observability.setup import UNTRACED_METHODS
 from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2 as svc
 from protos import jobledger_services_pb2_grpc as svc_grpc
@@ -37,10 +39,28 @@ Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Reply]]
 
 
 def rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
-    """Map the engine's errors of one RPC to gRPC statuses."""
+    """Map the engine's errors of one RPC to gRPC statuses, and trace it.
+
+    NOTE: the coordinator records its RPC spans here, not with the gRPC
+    instrumentation's server interceptor, because the interceptor made each
+    call measurably slower (see BENCHMARKS.md). Clients still use it.
+    """
+    traced = method.__name__ not in UNTRACED_METHODS
 
     @functools.wraps(method)
     async def handle(
+        self: Any, request: Request, context: grpc.aio.ServicerContext
+    ) -> Reply:
+        if not traced or not tracing_enabled():
+            return await answer(self, request, context)
+        service = _service_names.get(type(self).__name__, type(self).__name__)
+        if not traces_service(service):
+            return await answer(self, request, context)
+        return await spans.serve_traced(
+            service, method.__name__, context, lambda: answer(self, request, context)
+        )
+
+    async def answer(
         self: Any, request: Request, context: grpc.aio.ServicerContext
     ) -> Reply:
         try:
@@ -62,6 +82,15 @@ def rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
         raise AssertionError("context.abort returned")
 
     return handle
+
+
+# Full gRPC service names by servicer class name, for span names that match
+# the clients' spans ("/FlinkDotNet.Proto.TaskManagerRegistration/...").
+_service_names = {
+    service.name: service.full_name
+    for descriptor in (fpb.DESCRIPTOR, svc.DESCRIPTOR)
+    for service in descriptor.services_by_name.values()
+}
 
 
 def _task_of(vertex_id: str, subtask_index: int) -> str:
@@ -93,6 +122,7 @@ class JobManagerInternalService(fpb_grpc.JobManagerInternalServiceServicer):
         if not request.HasField("job_graph"):
             raise InvalidArgument("job_graph is missing; send the JobGraph to run")
         job_id = await self._engine.execute(jobs.decide_submit, request.job_graph)
+        spans.annotate_current(job=job_id, vertices=len(request.job_graph.vertices))
         logger.info("job %s (%s) submitted", job_id, request.job_graph.job_name)
         return fpb.SubmitJobReply(
             success=True, job_id=job_id, message=f"job {job_id} submitted"
@@ -109,9 +139,11 @@ class JobManagerInternalService(fpb_grpc.JobManagerInternalServiceServicer):
             snapshot_handle=request.state_location,
             source_offsets=request.input_offsets,
         )
+        spans.annotate_current(checkpoint=request.checkpoint_id, task=ack.task_id)
         outcome = await self._engine.execute(
             checkpoints.decide_acknowledge, "", request.checkpoint_id, ack
         )
+        spans.annotate_current(acknowledgement=outcome.value)
         return fpb.ReportStateCompletionReply(ack=outcome != AckOutcome.LATE)
 
     @rpc
@@ -213,12 +245,20 @@ class TaskManagerRegistration(fpb_grpc.TaskManagerRegistrationServicer):
         if not request.task_manager_id:
             raise InvalidArgument("task_manager_id is empty")
         known = await self._engine.execute(
-            taskmanagers.decide_heartbeat,
+            reconcile.decide_heartbeat,
             request.task_manager_id,
             request.incarnation,
             list(request.task_metrics),
+            list(request.running_tasks),
         )
-        return fpb.HeartbeatResponse(acknowledged=known)
+        if known:
+            self._engine.record_running(
+                request.task_manager_id,
+                reconcile.reported_attempts(request.running_tasks),
+            )
+        return fpb.HeartbeatResponse(
+            acknowledged=known, leader_epoch=self._engine.epoch
+        )
 
     @rpc
     async def AcknowledgeCheckpoint(
@@ -234,9 +274,13 @@ class TaskManagerRegistration(fpb_grpc.TaskManagerRegistrationServicer):
             snapshot_size=request.snapshot_size,
             duration_ms=request.duration,
         )
+        spans.annotate_current(
+            job=request.job_id, checkpoint=request.checkpoint_id, task=ack.task_id
+        )
         outcome = await self._engine.execute(
             checkpoints.decide_acknowledge, request.job_id, request.checkpoint_id, ack
         )
+        spans.annotate_current(acknowledgement=outcome.value)
         return fpb.AcknowledgeCheckpointResponse(success=outcome != AckOutcome.LATE)
 
 
@@ -334,7 +378,9 @@ class AdminService(svc_grpc.AdminServiceServicer):
             if tm.status == pb.TASK_MANAGER_ALIVE
         ]
         statuses = [job.status for job in state.jobs.values()]
+        standbys = await self._live_standbys()
         return svc.Overview(
+            standbys=standbys,
             coordinator_id=self._engine.coordinator_id,
             leader_id=state.leader_id,
             leader_address=state.leader_address,
@@ -350,6 +396,20 @@ class AdminService(svc_grpc.AdminServiceServicer):
             jobs_failed=statuses.count(pb.JOB_FAILED),
             jobs_pending=statuses.count(pb.JOB_CREATED),
         )
+
+    async def _live_standbys(self) -> list[svc.StandbyStatus]:
+        """Return the standbys that reported within three lease periods."""
+        oldest_ms = now_ms() - int(3 * self._engine.config.lease_s * 1000)
+        return [
+            svc.StandbyStatus(
+                coordinator_id=info.coordinator_id,
+                address=info.address,
+                followed_seq=info.followed_seq,
+            )
+            for info in await self._log.standbys()
+            if info.reported_ms >= oldest_ms
+            and info.coordinator_id != self._engine.coordinator_id
+        ]
 
     async def WatchEvents(
         self, request: svc.WatchEventsRequest, context: grpc.aio.ServicerContext

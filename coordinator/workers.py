@@ -15,6 +15,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -22,6 +25,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+import observability
 from coordinator import checkpoints, jobs
 from coordinator.config import CoordinatorConfig
 from coordinator.decision import (
@@ -35,6 +39,8 @@ from coordinator.decision import (
 )
 from coordinator.engine import Engine
 from coordinator.errors import NotLeader
+from observability import spans
+from observability.propagation import extract
 from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2_grpc as svc_grpc
 from protos import jobmanager_internal_pb2_grpc as fpb_grpc
@@ -100,7 +106,9 @@ class WorkerCalls:
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint)
+            channel = grpc.aio.insecure_channel(
+                endpoint, interceptors=observability.client_interceptors()
+            )
             self._channels[endpoint] = channel
         return channel
 
@@ -147,12 +155,32 @@ class WorkerCalls:
         )
         async for attempt in retrying:
             with attempt:
-                if self._engine.epoch != epoch or not still_needed():
+                if not self._engine.leads_at(epoch) or not still_needed():
                     raise EpochChanged()
                 return await call(metadata)
         raise AssertionError("tenacity ended without a result")
 
     async def _deploy(self, effect: DeployTask, epoch: int) -> None:
+        if not observability.tracing_enabled():
+            await self._deploy_once(effect, epoch)
+            return
+        attributes: dict[str, AttributeValue] = {
+            spans.JOB: effect.job_id,
+            spans.TASK: effect.task_id,
+            spans.ATTEMPT: effect.attempt,
+            spans.TASK_MANAGER: effect.task_manager_id,
+        }
+        # A redeployment after a failover, made by a timer, joins the
+        # failover's trace; any other deployment hangs below the current span.
+        parent = None
+        if not trace.get_current_span().get_span_context().is_valid:
+            parent = spans.recovery_context(self._engine.state, effect.job_id)
+        with observability.tracer().start_as_current_span(
+            "task.deploy", context=parent, attributes=attributes
+        ):
+            await self._deploy_once(effect, epoch)
+
+    async def _deploy_once(self, effect: DeployTask, epoch: int) -> None:
         stub = fpb_grpc.TaskExecutionStub(self._channel(effect.endpoint))
         timeout = self._config.worker_call_timeout_s
         try:
@@ -186,6 +214,10 @@ class WorkerCalls:
     async def _trigger(self, effect: TriggerCheckpoint, epoch: int) -> None:
         stub = fpb_grpc.TaskManagerCheckpointingStub(self._channel(effect.endpoint))
         request = effect.request
+        if request.trace_context:
+            # This call runs in its own asyncio task, so the checkpoint's
+            # context stays current for this call alone.
+            otel_context.attach(extract(request.trace_context))
         try:
             response = await self._call(
                 epoch,

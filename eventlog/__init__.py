@@ -11,6 +11,7 @@ from eventlog._base import (
     Lease,
     LogClosedError,
     LogOpenError,
+    StandbyInfo,
     event_type,
     now_ms,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "LogOpenError",
     "MemoryEventLog",
     "SqliteEventLog",
+    "StandbyInfo",
     "event_type",
     "now_ms",
 ]

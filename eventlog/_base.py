@@ -93,6 +93,18 @@ class LeaderInfo:
         return bool(self.holder) and self.expires_ms > now_ms
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class StandbyInfo:
+    """A standby coordinator's latest report of how far it followed the log."""
+
+    coordinator_id: str
+    address: str
+    followed_seq: int
+    # Wall-clock milliseconds of the report; a standby that stopped reporting
+    # is presumed gone.
+    reported_ms: int
+
+
 def now_ms() -> int:
     """Return wall-clock milliseconds since the Unix epoch."""
     return time.time_ns() // 1_000_000
@@ -220,3 +232,21 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     async def leader(self) -> LeaderInfo:
         """Return the lease as currently stored."""
+
+    @abc.abstractmethod
+    async def report_standby(
+        self, coordinator_id: str, address: str, followed_seq: int
+    ) -> None:
+        """Record that a standby has applied the log up to ``followed_seq``.
+
+        Standbys cannot append events, so their positions are kept beside
+        the lease, one row per coordinator, overwritten by each report.
+        """
+
+    @abc.abstractmethod
+    async def forget_standby(self, coordinator_id: str) -> None:
+        """Remove a coordinator's standby report, e.g. once it leads or stops."""
+
+    @abc.abstractmethod
+    async def standbys(self) -> list[StandbyInfo]:
+        """Return every standby report, ordered by coordinator id."""

@@ -18,6 +18,7 @@ from eventlog._base import (
     LeaderInfo,
     Lease,
     LogClosedError,
+    StandbyInfo,
     event_type,
     now_ms,
 )
@@ -36,6 +37,7 @@ class MemoryEventLog(EventLog):
         self._first_seq = 1
         self._snapshot: pb.Snapshot | None = None
         self._lease = LeaderInfo("", "", 0, 0)
+        self._standbys: dict[str, StandbyInfo] = {}
         self._committed = asyncio.Condition()
         self._closed = False
 
@@ -175,3 +177,19 @@ class MemoryEventLog(EventLog):
     async def leader(self) -> LeaderInfo:
         self._check_open()
         return self._lease
+
+    async def report_standby(
+        self, coordinator_id: str, address: str, followed_seq: int
+    ) -> None:
+        self._check_open()
+        self._standbys[coordinator_id] = StandbyInfo(
+            coordinator_id, address, followed_seq, now_ms()
+        )
+
+    async def forget_standby(self, coordinator_id: str) -> None:
+        self._check_open()
+        self._standbys.pop(coordinator_id, None)
+
+    async def standbys(self) -> list[StandbyInfo]:
+        self._check_open()
+        return [self._standbys[key] for key in sorted(self._standbys)]

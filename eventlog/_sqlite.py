@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import logging
 import sqlite3
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -38,9 +39,11 @@ from eventlog._base import (
     Lease,
     LogClosedError,
     LogOpenError,
+    StandbyInfo,
     event_type,
     now_ms,
 )
+from observability import instruments
 from protos import jobledger_events_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,17 @@ CREATE TABLE IF NOT EXISTS lease (
 );
 """
 
+# Standby positions: not part of the first schema, so it is created in logs
+# written before it existed, too. Older releases ignore the extra table.
+_STANDBYS_TABLE = """
+CREATE TABLE IF NOT EXISTS standbys (
+    coordinator_id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    followed_seq INTEGER NOT NULL,
+    reported_ms INTEGER NOT NULL
+)
+"""
+
 _INSERT_ONE = "INSERT INTO events (epoch, type, body) VALUES (?, ?, ?) RETURNING seq"
 _PAGE_QUERY = (
     "SELECT seq, epoch, type, body FROM events WHERE seq >= ? ORDER BY seq LIMIT ?"
@@ -87,6 +101,8 @@ _INSERT_EXPLICIT = "INSERT INTO events (seq, epoch, type, body) VALUES (?, ?, ?,
 # SQLite's default limit of 32,766 parameters. Larger batches are written
 # as a transaction of several statements.
 _STATEMENT_ROWS = 4096
+# Group commits handed to the writer thread at once.
+_COMMITS_IN_FLIGHT = 2
 
 
 @functools.lru_cache(maxsize=64)
@@ -164,6 +180,10 @@ class SqliteEventLog(EventLog):
         # The seq the log ends at once every commit handed to the writer
         # thread has landed; the next batch expects it.
         self._tail_seq = 0
+        # When the last commit landed and how long the writer thread took
+        # for it, which decide whether the next batch is split in two.
+        self._landed_at = 0.0
+        self._commit_s = 0.0
         # Epochs with a failed commit: later batches of such an epoch were
         # decided on state that included the lost events, so none may land.
         # Taking the lease again starts a new epoch.
@@ -256,6 +276,7 @@ class SqliteEventLog(EventLog):
                 await self._check_meta(conn)
             else:
                 await self._create_schema(conn)
+            await conn.execute(_STANDBYS_TABLE)
             await conn.execute("COMMIT")
         except BaseException:
             await _rollback(conn)
@@ -323,36 +344,115 @@ class SqliteEventLog(EventLog):
         return await future
 
     async def _run_writer(self) -> None:
-        # Appends that arrive while a commit runs wait here and form the next
+        # Appends that arrive while commits run wait here and form the next
         # batch, so a commit's cost is shared by every caller of its batch.
-        while True:
-            if self._closing and not self._queue:
-                return
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                batch = self._take_batch()
-                count = sum(append.count for append in batch)
-                expected_tail = self._tail_seq
-                self._tail_seq += count
-                await self._commit(batch, expected_tail)
+        # Two commits may be in flight: the writer thread runs the second
+        # while the event loop hands the results of the first to its callers.
+        # Each statement lands only where the log ends at its expected seq,
+        # so the second never lands after the first failed.
+        in_flight: deque[asyncio.Task[bool]] = deque()
+        waited = True
+        try:
+            while True:
+                if not self._queue:
+                    if in_flight:
+                        await self._finish_oldest(in_flight)
+                    elif self._closing:
+                        return
+                    else:
+                        await self._wakeup.wait()
+                        self._wakeup.clear()
+                        waited = True
+                    continue
+                if not in_flight and not waited and self._worth_splitting():
+                    await self._start_commit(in_flight, self._queued_events() // 2)
+                waited = False
+                if len(in_flight) >= _COMMITS_IN_FLIGHT:
+                    await self._finish_oldest(in_flight)
+                    continue
+                if self._queue[0].count > _STATEMENT_ROWS:
+                    # A batch of several statements is one explicit
+                    # transaction, which nothing else may interleave with.
+                    while in_flight:
+                        await self._finish_oldest(in_flight)
+                    await self._start_commit(in_flight)
+                    await self._finish_oldest(in_flight)
+                    continue
+                await self._start_commit(in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
 
-    def _take_batch(self) -> list[_PendingAppend]:
+    def _worth_splitting(self) -> bool:
+        """Return whether two half batches beat one batch of the queue.
+
+        Called when no commit is in flight, right after the callers of the
+        last one appended again. When settling those callers took the event
+        loop longer than the writer thread took for their commit, the loop,
+        not the thread, limits the rate: two halves, one committing while
+        the loop settles the other, keep both busy. Otherwise one batch
+        shares one commit among more callers.
+        """
+        if len(self._queue) < 2:
+            return False
+        settling_s = time.perf_counter() - self._landed_at
+        return settling_s > self._commit_s
+
+    def _queued_events(self) -> int:
+        return sum(append.count for append in self._queue)
+
+    async def _start_commit(
+        self, in_flight: deque[asyncio.Task[bool]], max_events: int = 0
+    ) -> None:
+        """Hand the next batch, of at most ``max_events`` events when that is
+        not 0, to the writer thread behind the commits in flight."""
+        batch = self._take_batch(max_events)
+        count = sum(append.count for append in batch)
+        expected_tail = self._tail_seq
+        self._tail_seq += count
+        task = asyncio.create_task(
+            self._commit(batch, expected_tail, time.perf_counter())
+        )
+        in_flight.append(task)
+        # The task's first step queues its statement on the writer thread,
+        # so statements reach the thread in the order their batches formed.
+        await asyncio.sleep(0)
+
+    async def _finish_oldest(self, in_flight: deque[asyncio.Task[bool]]) -> None:
+        landed = await in_flight.popleft()
+        if landed:
+            return
+        # Every later statement expected the failed batch to land, so each
+        # fails too; the next batch starts where the log really ends.
+        while in_flight:
+            await in_flight.popleft()
+        self._tail_seq = await self.last_seq()
+
+    def _take_batch(self, max_events: int = 0) -> list[_PendingAppend]:
         # A batch never mixes two epochs: each is fenced by its own.
         first = self._queue.popleft()
         batch = [first]
         count = first.count
+        limit = min(self._max_batch_events, _STATEMENT_ROWS)
+        if max_events:
+            limit = min(limit, max_events)
         while self._queue:
             head = self._queue[0]
             if head.epoch != first.epoch:
                 break
-            if count + head.count > self._max_batch_events:
+            if count + head.count > limit:
                 break
             batch.append(self._queue.popleft())
             count += head.count
         return batch
 
-    async def _commit(self, batch: list[_PendingAppend], expected_tail: int) -> None:
+    async def _commit(
+        self, batch: list[_PendingAppend], expected_tail: int, started: float
+    ) -> bool:
+        """Write one batch and settle its callers; return whether it landed.
+
+        ``started`` is when the batch was handed to the writer thread.
+        """
         epoch = batch[0].epoch
         count = sum(append.count for append in batch)
         try:
@@ -365,8 +465,13 @@ class SqliteEventLog(EventLog):
             if not landed:
                 raise await self._rejection(epoch, expected_tail)
         except (EventLogError, sqlite3.Error) as exc:
-            await self._fail_commit(batch, epoch, exc)
-            return
+            self._fail_commit(batch, epoch, exc)
+            return False
+        landed_at = time.perf_counter()
+        # The thread began this commit when the one before it landed.
+        self._commit_s = landed_at - max(started, self._landed_at)
+        self._landed_at = landed_at
+        instruments.log_commit_events.record(count)
         seq = expected_tail + 1
         for append in batch:
             n = append.count
@@ -375,6 +480,7 @@ class SqliteEventLog(EventLog):
             seq += n
         async with self._committed:
             self._committed.notify_all()
+        return True
 
     async def _insert_statement(
         self, batch: list[_PendingAppend], epoch: int, expected_tail: int
@@ -429,13 +535,12 @@ class SqliteEventLog(EventLog):
             f"{expected_tail}: an earlier batch of epoch {epoch} did not land"
         )
 
-    async def _fail_commit(
+    def _fail_commit(
         self, batch: list[_PendingAppend], epoch: int, exc: Exception
     ) -> None:
         if not isinstance(exc, FencedError):
             # A fenced epoch needs no mark: the log rejects it by itself.
             self._poisoned_epochs.add(epoch)
-        self._tail_seq = await self.last_seq()
         if isinstance(exc, FencedError):
             logger.warning("%s (%d appends rejected)", exc, len(batch))
             error: Exception = exc
@@ -648,6 +753,33 @@ class SqliteEventLog(EventLog):
         holder, address, epoch, expires = rows[0]
         return LeaderInfo(holder, address, epoch, expires)
 
+    async def report_standby(
+        self, coordinator_id: str, address: str, followed_seq: int
+    ) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO standbys (coordinator_id, address, followed_seq,"
+                " reported_ms) VALUES (?, ?, ?, ?) ON CONFLICT (coordinator_id)"
+                " DO UPDATE SET address = excluded.address,"
+                " followed_seq = excluded.followed_seq,"
+                " reported_ms = excluded.reported_ms",
+                (coordinator_id, address, followed_seq, now_ms()),
+            )
+
+    async def forget_standby(self, coordinator_id: str) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "DELETE FROM standbys WHERE coordinator_id = ?", (coordinator_id,)
+            )
+
+    async def standbys(self) -> list[StandbyInfo]:
+        rows = await _fetchall(
+            self._conn(self._reader),
+            "SELECT coordinator_id, address, followed_seq, reported_ms"
+            " FROM standbys ORDER BY coordinator_id",
+        )
+        return [StandbyInfo(*row) for row in rows]
+
     # ------------------------------------------------------------ helpers
 
     @contextlib.asynccontextmanager
@@ -655,8 +787,10 @@ class SqliteEventLog(EventLog):
         """Run one write transaction on the control connection, exclusively."""
         async with self._control_lock:
             conn = self._conn(self._control)
-            await conn.execute("BEGIN IMMEDIATE")
             try:
+                # BEGIN is inside the try, so a caller cancelled while it runs
+                # does not leave the connection inside a transaction.
+                await conn.execute("BEGIN IMMEDIATE")
                 yield conn
             except BaseException:
                 await _rollback(conn)

@@ -223,6 +223,26 @@ class JobState(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RecoveryTraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_ID_FIELD_NUMBER: _builtins.int
     GRAPH_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
@@ -239,6 +259,7 @@ class JobState(_message.Message):
     LATEST_COMPLETED_CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     LAST_CHECKPOINT_END_MS_FIELD_NUMBER: _builtins.int
     FAILOVER_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    RECOVERY_TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     status: Global___JobStatus.ValueType
     submitted_ms: _builtins.int
@@ -268,6 +289,10 @@ class JobState(_message.Message):
     def tasks(self) -> _containers.MessageMap[_builtins.str, Global___TaskState]:
         """Keyed by "vertexId_subtaskIndex"."""
 
+    @_builtins.property
+    def recovery_trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context of the latest failover's trace."""
+
     def __init__(
         self,
         *,
@@ -287,10 +312,11 @@ class JobState(_message.Message):
         latest_completed_checkpoint_id: _builtins.int = ...,
         last_checkpoint_end_ms: _builtins.int = ...,
         failover_attempts: _builtins.int = ...,
+        recovery_trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_checkpoints_in_row", b"failed_checkpoints_in_row", "failover_attempts", b"failover_attempts", "failure_reason", b"failure_reason", "graph", b"graph", "job_id", b"job_id", "last_checkpoint_end_ms", b"last_checkpoint_end_ms", "last_failure_ms", b"last_failure_ms", "last_restart_delay_ms", b"last_restart_delay_ms", "latest_completed_checkpoint_id", b"latest_completed_checkpoint_id", "restart_at_ms", b"restart_at_ms", "restarts", b"restarts", "restore_checkpoint_id", b"restore_checkpoint_id", "status", b"status", "status_changed_ms", b"status_changed_ms", "submitted_ms", b"submitted_ms", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_checkpoints_in_row", b"failed_checkpoints_in_row", "failover_attempts", b"failover_attempts", "failure_reason", b"failure_reason", "graph", b"graph", "job_id", b"job_id", "last_checkpoint_end_ms", b"last_checkpoint_end_ms", "last_failure_ms", b"last_failure_ms", "last_restart_delay_ms", b"last_restart_delay_ms", "latest_completed_checkpoint_id", b"latest_completed_checkpoint_id", "recovery_trace_context", b"recovery_trace_context", "restart_at_ms", b"restart_at_ms", "restarts", b"restarts", "restore_checkpoint_id", b"restore_checkpoint_id", "status", b"status", "status_changed_ms", b"status_changed_ms", "submitted_ms", b"submitted_ms", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -902,12 +928,33 @@ class JobFailingOver(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     RESTART_DELAY_MS_FIELD_NUMBER: _builtins.int
     RESTART_AT_MS_FIELD_NUMBER: _builtins.int
     RESTORE_CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     BACKOFF_MS_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     reason: _builtins.str
     restart_delay_ms: _builtins.int
@@ -915,6 +962,12 @@ class JobFailingOver(_message.Message):
     restore_checkpoint_id: _builtins.int
     backoff_ms: _builtins.int
     """The restart strategy's backoff before jitter, the base of the next one."""
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context of the recovery's trace, which the restart and the
+        redeployments join, whichever coordinator makes them.
+        """
+
     def __init__(
         self,
         *,
@@ -924,10 +977,11 @@ class JobFailingOver(_message.Message):
         restart_at_ms: _builtins.int = ...,
         restore_checkpoint_id: _builtins.int = ...,
         backoff_ms: _builtins.int = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_ms", b"backoff_ms", "job_id", b"job_id", "reason", b"reason", "restart_at_ms", b"restart_at_ms", "restart_delay_ms", b"restart_delay_ms", "restore_checkpoint_id", b"restore_checkpoint_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_ms", b"backoff_ms", "job_id", b"job_id", "reason", b"reason", "restart_at_ms", b"restart_at_ms", "restart_delay_ms", b"restart_delay_ms", "restore_checkpoint_id", b"restore_checkpoint_id", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

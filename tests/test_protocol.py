@@ -330,6 +330,7 @@ CONTRACT_ENUMS: dict[str, dict[int, str]] = {
 JOBLEDGER_ADDITIONS: dict[str, list[Field]] = {
     "RequestCheckpointRequest": [Field(2, "job_id", "string")],
     "RegisterTaskManagerRequest": [Field(4, "slots", "int32")],
+    "HeartbeatResponse": [Field(2, "leader_epoch", "int64")],
 }
 
 # The generated modules that protoc writes for each .proto file.

@@ -115,6 +115,11 @@ class CoordinatorProcess:
 
     async def start(self, timeout_s: float = 20.0) -> svc.Overview:
         """Start a new process and return its overview once it serves as leader."""
+        await self.launch()
+        return await self.wait_serving(timeout_s)
+
+    async def launch(self) -> None:
+        """Start a new process without waiting for it, e.g. as a standby."""
         if self.process is not None and self.process.returncode is None:
             raise RuntimeError(f"the coordinator on {self.address} is still running")
         self.starts += 1
@@ -138,7 +143,6 @@ class CoordinatorProcess:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         await self._open_channel()
-        return await self.wait_serving(timeout_s)
 
     async def _open_channel(self) -> None:
         await self._close_channel()
