@@ -66,7 +66,7 @@ class CoordinatorClient:
     """Makes calls to whichever coordinator leads. Not safe across event loops."""
 
     def __init__(
-        self, addresses: list[str], call_timeout_s: float = 5.0, max_wait_s: float = 2.0
+        self, addresses: list[str], call_timeout_s: float = 5.0, max_wait_s: float = 1.0
     ) -> None:
         if not addresses:
             raise ValueError("no coordinator address given")
@@ -74,6 +74,9 @@ class CoordinatorClient:
         self.current = self.addresses[0]
         self.call_timeout_s = call_timeout_s
         self.max_wait_s = max_wait_s
+        # The address tried before ``current``, so that two standbys naming
+        # each other with stale hints are retried with backoff, not at once.
+        self._previous = ""
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stubs(self) -> Stubs:
@@ -88,6 +91,7 @@ class CoordinatorClient:
     def _move_on(self, exc: grpc.aio.AioRpcError) -> None:
         """Pick the coordinator to try next after a retried failure."""
         hint = leader_hint(exc)
+        self._previous = self.current
         if hint and hint != self.current:
             logger.info("coordinator %s names %s as leader", self.current, hint)
             self.current = hint
@@ -113,11 +117,12 @@ class CoordinatorClient:
         stop: Any = (
             stop_never if give_up_after_s is None else stop_after_delay(give_up_after_s)
         )
+        backoff = wait_exponential_jitter(
+            multiplier=0.05, max=self.max_wait_s, jitter=0.1
+        )
         retrying = AsyncRetrying(
             stop=stop,
-            wait=wait_exponential_jitter(
-                multiplier=0.05, max=self.max_wait_s, jitter=0.1
-            ),
+            wait=lambda state: self._wait_before_retry(state, backoff),
             retry=retry_if_exception(_retried),
             before_sleep=lambda state: self._before_retry(name, state),
             reraise=True,
@@ -126,6 +131,20 @@ class CoordinatorClient:
             with attempt:
                 return await invoke(self._stubs(), self.call_timeout_s)
         raise AssertionError("tenacity ended without a result")
+
+    def _wait_before_retry(self, state: Any, backoff: Callable[[Any], float]) -> float:
+        """Return no wait to follow a new leader hint, else the backoff.
+
+        A standby's hint can lag a takeover by one lease poll, so the worker
+        follows each fresh hint at once instead of letting the backoff grow
+        past the heartbeat timeout while coordinators change.
+        """
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, grpc.aio.AioRpcError):
+            hint = leader_hint(exc)
+            if hint and hint not in (self.current, self._previous):
+                return 0.0
+        return backoff(state)
 
     def _before_retry(self, name: str, state: Any) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
