@@ -18,6 +18,7 @@ from coordinator.config import (
     RestartStrategy,
 )
 from coordinator.demo import add_demo_parser
+from eventlog import EventLogError
 from observability import Telemetry, configure_logging
 from observability.cli import add_metrics_arguments, instance_id, telemetry_from_args
 from worker.cli import add_worker_parser
@@ -32,6 +33,27 @@ def _positive(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
+
+
+def _host_port(text: str, lowest_port: int) -> str:
+    """Return ``text`` when it is HOST:PORT with a port from ``lowest_port``
+    to 65535; raise ArgumentTypeError naming it otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    if not lowest_port <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"port {port} of {text!r} is invalid; give {lowest_port} to 65535"
+        )
+    return text.strip()
+
+
+def _listen_address(text: str) -> str:
+    return _host_port(text, 0)
+
+
+def _advertised_address(text: str) -> str:
+    return _host_port(text, 1)
 
 
 def _non_negative(text: str) -> float:
@@ -61,9 +83,14 @@ def _add_coordinator_parser(commands: argparse._SubParsersAction) -> None:  # ty
     parser.add_argument(
         "--listen",
         default=f"127.0.0.1:{DEFAULT_PORT}",
+        type=_listen_address,
         help="HOST:PORT to serve gRPC on (default %(default)s; port 0 picks one)",
     )
-    parser.add_argument("--advertise", help="HOST:PORT others reach this one at")
+    parser.add_argument(
+        "--advertise",
+        type=_advertised_address,
+        help="HOST:PORT others reach this one at",
+    )
     parser.add_argument("--coordinator-id", help="identity in the lease and logs")
     group = parser.add_argument_group("checkpoints")
     group.add_argument(
@@ -175,8 +202,10 @@ async def _serve_until_signal(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await coordinator.start()
     try:
+        # A failed start still closes the log: its thread would keep the
+        # process alive after the error.
+        await coordinator.start()
         await stop.wait()
         logger.info("stop signal received")
     finally:
@@ -225,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"jobledger {args.command}: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, EventLogError) as exc:
         print(f"jobledger {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -444,7 +444,7 @@ def print_report(result: DemoResult) -> None:
 def _non_negative(text: str) -> float:
     value = float(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative; give seconds >= 0")
+        raise argparse.ArgumentTypeError(f"{text} is negative; give 0 or more")
     return value
 
 

@@ -294,8 +294,9 @@ def decide_task_status(
     older attempt or the task already ended; such reports change nothing.
     """
     if status not in (pb.TASK_RUNNING, pb.TASK_FINISHED, pb.TASK_FAILED):
+        known = pb.TaskStatus.DESCRIPTOR.values_by_number.get(status)
         raise InvalidArgument(
-            f"task status {pb.TaskStatus.Name(status)} cannot be reported; "
+            f"task status {known.name if known else status} cannot be reported; "
             "report TASK_RUNNING, TASK_FINISHED or TASK_FAILED"
         )
     job = get_job(ctx.state, job_id)

@@ -74,7 +74,9 @@ class Coordinator:
         """Open the log, serve, and start taking part in leadership."""
         await self.log.open()
         # The servicers record the RPC spans (see servicers.rpc).
-        server = grpc.aio.server()
+        # so_reuseport is off: with it, gRPC lets a second coordinator bind
+        # the same port and the kernel splits the clients between the two.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         host = self.config.listen.rpartition(":")[0]
         try:
             self.port = server.add_insecure_port(self.config.listen)

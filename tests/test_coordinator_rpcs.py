@@ -1214,6 +1214,17 @@ async def test_update_task_status_invalid_status(cluster: Cluster) -> None:
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_update_task_status_out_of_range_status(cluster: Cluster) -> None:
+    _, job_id = await running_job(cluster)
+    task = cluster.state.jobs[job_id].tasks["map_0"]
+    request = status_request(job_id, task, pb.TASK_RUNNING)
+    request.status = 99  # type: ignore[assignment]
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await cluster.reporting.UpdateTaskStatus(request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "99" in (raised.value.details() or "")
+
+
 async def test_update_task_status_unknown_task(cluster: Cluster) -> None:
     _, job_id = await running_job(cluster)
     with pytest.raises(grpc.aio.AioRpcError) as raised:

@@ -172,3 +172,16 @@ def test_demo_coordinator_killed(
     assert (logs / "coordinator-2.log").exists()
     assert "leads at epoch" in (logs / "coordinator-2.log").read_text()
     assert result["checkpoints_completed"] >= 2
+
+
+@pytest.mark.parametrize("option", ["--delay-ms", "--kill-worker-at", "--timeout"])
+def test_demo_negative_option_is_refused(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coordinator.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["demo", option, "-1"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.endswith(f"argument {option}: -1 is negative; give 0 or more")

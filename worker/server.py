@@ -69,8 +69,11 @@ class Worker:
 
         Raises OSError when the listen address cannot be bound.
         """
+        # so_reuseport is off: with it, a second worker binds the same port
+        # and the kernel splits the coordinator's calls between the two.
         server = grpc.aio.server(
-            interceptors=[self.fence, *observability.server_interceptors()]
+            interceptors=[self.fence, *observability.server_interceptors()],
+            options=[("grpc.so_reuseport", 0)],
         )
         host = self._listen(server)
         self.runtime = self._build_runtime()
