@@ -98,29 +98,118 @@ def _add_coordinator_parser(commands: argparse._SubParsersAction) -> None:  # ty
         type=_positive,
         help="seconds between periodic checkpoints (default: off)",
     )
-    group.add_argument("--checkpoint-timeout", type=_positive, default=600.0)
-    group.add_argument("--min-pause", type=_non_negative, default=0.0)
-    group.add_argument("--max-concurrent-checkpoints", type=int, default=1)
-    group.add_argument("--tolerable-failed-checkpoints", type=_count, default=0)
-    group.add_argument("--retained-checkpoints", type=int, default=1)
+    group.add_argument(
+        "--checkpoint-timeout",
+        type=_positive,
+        default=600.0,
+        help="seconds after which a pending checkpoint expires (default %(default)s)",
+    )
+    group.add_argument(
+        "--min-pause",
+        type=_non_negative,
+        default=0.0,
+        help="seconds from the end of one checkpoint to the next trigger "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--max-concurrent-checkpoints",
+        type=int,
+        default=1,
+        help="checkpoints of one job pending at once (default %(default)s)",
+    )
+    group.add_argument(
+        "--tolerable-failed-checkpoints",
+        type=_count,
+        default=0,
+        help="failed checkpoints in a row that do not fail the job over "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--retained-checkpoints",
+        type=int,
+        default=1,
+        help="completed checkpoints kept per job (default %(default)s)",
+    )
     group = parser.add_argument_group("task managers")
-    group.add_argument("--heartbeat-interval", type=_positive, default=10.0)
-    group.add_argument("--heartbeat-timeout", type=_positive, default=50.0)
-    group.add_argument("--default-slots", type=int, default=1)
-    group.add_argument("--max-parallelism", type=int, default=128)
+    group.add_argument(
+        "--heartbeat-interval",
+        type=_positive,
+        default=10.0,
+        help="seconds the workers are expected to heartbeat at; silent workers are "
+        "checked at this interval, at least once a second (default %(default)s)",
+    )
+    group.add_argument(
+        "--heartbeat-timeout",
+        type=_positive,
+        default=50.0,
+        help="seconds of silence after which a worker is lost (default %(default)s)",
+    )
+    group.add_argument(
+        "--default-slots",
+        type=int,
+        default=1,
+        help="slots of a worker that registers without a slot count "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--max-parallelism",
+        type=int,
+        default=128,
+        help="highest parallelism a vertex may have (default %(default)s)",
+    )
     group = parser.add_argument_group("restart strategy")
     group.add_argument(
         "--restart-strategy",
         choices=("exponential-delay", "fixed-delay"),
         default="exponential-delay",
+        help="how a failed job is restarted (default %(default)s)",
     )
-    group.add_argument("--restart-initial-delay", type=_non_negative, default=1.0)
-    group.add_argument("--restart-max-delay", type=_non_negative, default=300.0)
-    group.add_argument("--restart-multiplier", type=_positive, default=2.0)
-    group.add_argument("--restart-jitter", type=_non_negative, default=0.1)
-    group.add_argument("--restart-reset-after", type=_positive, default=3600.0)
-    group.add_argument("--restart-attempts", type=_count, default=3)
-    group.add_argument("--restart-delay", type=_non_negative, default=1.0)
+    group.add_argument(
+        "--restart-initial-delay",
+        type=_non_negative,
+        default=1.0,
+        help="exponential-delay: seconds before the first restart "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--restart-max-delay",
+        type=_non_negative,
+        default=300.0,
+        help="exponential-delay: maximum seconds between restarts "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--restart-multiplier",
+        type=_positive,
+        default=2.0,
+        help="exponential-delay: factor of the delay per restart (default %(default)s)",
+    )
+    group.add_argument(
+        "--restart-jitter",
+        type=_non_negative,
+        default=0.1,
+        help="exponential-delay: random share added to or taken from a delay "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--restart-reset-after",
+        type=_positive,
+        default=3600.0,
+        help="exponential-delay: seconds of running after which the delay starts over "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--restart-attempts",
+        type=_count,
+        default=3,
+        help="fixed-delay: restarts before the job fails (default %(default)s)",
+    )
+    group.add_argument(
+        "--restart-delay",
+        type=_non_negative,
+        default=1.0,
+        help="fixed-delay: seconds before each restart (default %(default)s)",
+    )
     group = parser.add_argument_group("log and leadership")
     group.add_argument(
         "--lease",
@@ -130,8 +219,20 @@ def _add_coordinator_parser(commands: argparse._SubParsersAction) -> None:  # ty
         "it every third of that, and a standby takes over once it expires "
         "(default %(default)s)",
     )
-    group.add_argument("--snapshot-every", type=_count, default=10_000)
-    group.add_argument("--retain-events", type=_count, default=10_000)
+    group.add_argument(
+        "--snapshot-every",
+        type=_count,
+        default=10_000,
+        help="events between two snapshots of the state; 0 turns them off "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--retain-events",
+        type=_count,
+        default=10_000,
+        help="events kept behind the newest snapshot when compacting "
+        "(default %(default)s)",
+    )
     add_metrics_arguments(parser)
     parser.set_defaults(handler=_run_coordinator)
 
