@@ -882,6 +882,15 @@ def set_meta(path: Path, key: str, value: str) -> None:
         conn.commit()
 
 
+async def test_open_in_missing_folder_names_the_folder(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "log.db"
+
+    error = await expect_open_error(path)
+
+    assert f"folder {tmp_path / 'missing'}" in str(error)
+    assert not path.parent.exists()
+
+
 async def test_open_random_bytes_raises(tmp_path: Path) -> None:
     path = tmp_path / "random.db"
     content = random.Random(3).randbytes(64 * 1024)
