@@ -12,6 +12,7 @@ from coordinator.errors import InvalidArgument
 from coordinator.ids import task_id
 from protos import jobledger_events_pb2 as pb
 from protos import jobmanager_internal_pb2 as fpb
+from worker.operators.names import BUILTIN_NAMESPACE, OPERATOR_NAMES, SOURCE_NAMES
 
 _KINDS = {fpb.SOURCE: "source", fpb.OPERATOR: "operator", fpb.SINK: "sink"}
 
@@ -19,6 +20,7 @@ _KINDS = {fpb.SOURCE: "source", fpb.OPERATOR: "operator", fpb.SINK: "sink"}
 def validate(graph: fpb.JobGraph, max_parallelism: int) -> None:
     """Raise InvalidArgument naming the first problem of the graph."""
     vertices = _check_vertices(graph, max_parallelism)
+    _check_operators(graph)
     edges = _check_edges(graph, vertices)
     _check_edge_lists(graph, edges)
     _check_inputs(graph, vertices, edges)
@@ -56,6 +58,42 @@ def _check_vertices(
     if fpb.SINK not in kinds:
         raise InvalidArgument("the job graph has no SINK vertex")
     return vertices
+
+
+def _check_operators(graph: fpb.JobGraph) -> None:
+    """Reject built-in operator names that do not exist and invalid configurations.
+
+    Names outside the built-in namespace are left to the workers, which may
+    run operators the coordinator does not know, so only their configuration
+    is checked here. File paths and functions are resolved on the workers too.
+    """
+    for vertex in graph.vertices:
+        _check_operator(vertex.id, vertex.operator_definition, "operator", True)
+        for position, chained in enumerate(vertex.chained_operators):
+            role = f"chained operator {position}"
+            _check_operator(vertex.id, chained, role, False)
+
+
+def _check_operator(
+    vertex_id: str, definition: fpb.OperatorDefinition, role: str, is_head: bool
+) -> None:
+    name = definition.fully_qualified_name
+    known = [*SOURCE_NAMES, *OPERATOR_NAMES] if is_head else list(OPERATOR_NAMES)
+    if name.startswith(BUILTIN_NAMESPACE) and name not in known:
+        hint = ""
+        if not is_head and name in SOURCE_NAMES:
+            hint = " (a source can only head a vertex)"
+        raise InvalidArgument(
+            f"vertex {vertex_id!r}: {role} {name!r} is not a built-in operator"
+            f"{hint}; known: {', '.join(known)}"
+        )
+    try:
+        _config_bytes(definition)
+    except (ValueError, json_format.Error) as exc:
+        raise InvalidArgument(
+            f"vertex {vertex_id!r}: the configuration of {role} {name!r} is not "
+            f"a valid JSON object: {exc}; use only finite numbers"
+        ) from exc
 
 
 def _check_edges(
@@ -201,7 +239,7 @@ def _config_bytes(definition: fpb.OperatorDefinition) -> bytes:
     if not definition.HasField("configuration"):
         return b"{}"
     as_dict = json_format.MessageToDict(definition.configuration)
-    return json.dumps(_integral(as_dict), sort_keys=True).encode()
+    return json.dumps(_integral(as_dict), sort_keys=True, allow_nan=False).encode()
 
 
 def _integral(value: Any) -> Any:

@@ -335,6 +335,7 @@ class ReportTaskStartupFailureRequest(_message.Message):
     TASK_MANAGER_ID_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    UNRECOVERABLE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     job_vertex_id: _builtins.str
     subtask_index: _builtins.int
@@ -342,6 +343,12 @@ class ReportTaskStartupFailureRequest(_message.Message):
     failure_reason: _builtins.str
     attempt: _builtins.int
     """jobledger: the attempt that failed; 0 means the current attempt."""
+    unrecoverable: _builtins.bool
+    """jobledger: true when the task's configuration causes the failure (an
+    unknown operator, an invalid setting, a function that cannot be imported,
+    a missing source file), so that a restart would fail the same way and the
+    job fails instead. Senders that leave it unset get a restart.
+    """
     def __init__(
         self,
         *,
@@ -351,10 +358,11 @@ class ReportTaskStartupFailureRequest(_message.Message):
         task_manager_id: _builtins.str = ...,
         failure_reason: _builtins.str = ...,
         attempt: _builtins.int = ...,
+        unrecoverable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "failure_reason", b"failure_reason", "job_id", b"job_id", "job_vertex_id", b"job_vertex_id", "subtask_index", b"subtask_index", "task_manager_id", b"task_manager_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "failure_reason", b"failure_reason", "job_id", b"job_id", "job_vertex_id", b"job_vertex_id", "subtask_index", b"subtask_index", "task_manager_id", b"task_manager_id", "unrecoverable", b"unrecoverable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

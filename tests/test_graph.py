@@ -255,6 +255,92 @@ def test_validate_checks_vertices_first() -> None:
     assert "parallelism 0" in raised.value.message
 
 
+def _named(graph: fpb.JobGraph, vertex_id: str) -> fpb.JobVertex:
+    (found,) = [v for v in graph.vertices if v.id == vertex_id]
+    return found
+
+
+def test_validate_rejects_unknown_builtin_operator() -> None:
+    graph = pipeline()
+    _named(graph, "map").operator_definition.fully_qualified_name = "jobledger.nope"
+    with pytest.raises(InvalidArgument) as raised:
+        validate(graph, MAX_PARALLELISM)
+    message = raised.value.message
+    assert "vertex 'map'" in message
+    assert "'jobledger.nope' is not a built-in operator" in message
+    assert "jobledger.source.csv" in message
+    assert "jobledger.sink.file" in message
+
+
+def test_validate_rejects_unknown_chained_operator() -> None:
+    graph = pipeline()
+    chain = _named(graph, "map").chained_operators
+    chain.append(fpb.OperatorDefinition(fully_qualified_name="jobledger.map"))
+    chain.append(fpb.OperatorDefinition(fully_qualified_name="jobledger.mapp"))
+    with pytest.raises(InvalidArgument) as raised:
+        validate(graph, MAX_PARALLELISM)
+    message = raised.value.message
+    assert "vertex 'map': chained operator 1 'jobledger.mapp'" in message
+    assert "known: jobledger.map," in message
+
+
+def test_validate_rejects_chained_source() -> None:
+    graph = pipeline()
+    chain = _named(graph, "map").chained_operators
+    chain.append(fpb.OperatorDefinition(fully_qualified_name="jobledger.source.csv"))
+    with pytest.raises(InvalidArgument) as raised:
+        validate(graph, MAX_PARALLELISM)
+    assert "a source can only head a vertex" in raised.value.message
+
+
+def test_validate_accepts_builtin_and_user_operators() -> None:
+    graph = pipeline()
+    _named(
+        graph, "src"
+    ).operator_definition.fully_qualified_name = "jobledger.source.csv"
+    _named(graph, "map").operator_definition.fully_qualified_name = "jobledger.map"
+    _named(graph, "map").chained_operators.append(
+        fpb.OperatorDefinition(fully_qualified_name="my_company.enrich")
+    )
+    # A user operator outside the built-in namespace is resolved on the worker,
+    # and so are paths and functions in a configuration.
+    _named(graph, "sink").operator_definition.fully_qualified_name = "mysinks.Sink"
+    _named(graph, "map").operator_definition.configuration.update(
+        {"function": "nomodule:nofunc", "path": "/no/such/file.csv"}
+    )
+    validate(graph, MAX_PARALLELISM)
+
+
+def test_builtin_names_match_worker_registry() -> None:
+    from worker.operators import OPERATORS, SOURCES
+    from worker.operators.names import OPERATOR_NAMES, SOURCE_NAMES
+
+    assert tuple(SOURCES) == SOURCE_NAMES
+    assert tuple(OPERATORS) == OPERATOR_NAMES
+
+
+@pytest.mark.parametrize(
+    ("where", "problem"),
+    [
+        ("operator", "vertex 'sink': the configuration of operator 'op.sink'"),
+        ("chained", "vertex 'sink': the configuration of chained operator 0"),
+    ],
+)
+def test_validate_rejects_nan_in_config(where: str, problem: str) -> None:
+    # A Struct can contain NaN, but JSON has no NaN, so workers could not read it.
+    graph = pipeline()
+    definition = _named(graph, "sink").operator_definition
+    if where == "chained":
+        definition = _named(graph, "sink").chained_operators.add()
+        definition.fully_qualified_name = "jobledger.filter"
+    nested = definition.configuration.fields["nested"].struct_value
+    nested.fields["x"].number_value = float("nan")
+    with pytest.raises(InvalidArgument) as raised:
+        validate(graph, MAX_PARALLELISM)
+    assert problem in raised.value.message
+    assert "is not a valid JSON object" in raised.value.message
+
+
 def test_slots_needed_largest_parallelism() -> None:
     graph = two_stage(fpb.HASH, 3, 5)
     assert slots_needed(graph) == 5

@@ -331,6 +331,10 @@ JOBLEDGER_ADDITIONS: dict[str, list[Field]] = {
     "RequestCheckpointRequest": [Field(2, "job_id", "string")],
     "RegisterTaskManagerRequest": [Field(4, "slots", "int32")],
     "HeartbeatResponse": [Field(2, "leader_epoch", "int64")],
+    "ReportTaskStartupFailureRequest": [
+        Field(6, "attempt", "int32"),
+        Field(7, "unrecoverable", "bool"),
+    ],
 }
 
 # The generated modules that protoc writes for each .proto file.

@@ -208,6 +208,9 @@ async def test_bad_descriptor_rejected(
     assert failure.job_vertex_id == "src"
     assert failure.task_manager_id == "tm"
     assert reason in failure.failure_reason
+    # Only the endpoint comes from the placement, which a restart may change.
+    # Every other case comes from the task's configuration.
+    assert failure.unrecoverable == ("HOST:PORT" not in reason)
 
 
 async def test_cancel_only_that_attempt(
@@ -380,6 +383,7 @@ async def test_mismatched_snapshot_rejected(
     assert f"snapshot {handle}" in reply.message
     (failure,) = await coordinator.wait_report("ReportTaskStartupFailure")
     assert f"snapshot {handle}" in failure.failure_reason
+    assert not failure.unrecoverable
     assert worker.runtime is not None
     assert worker.runtime.tasks == {}
 

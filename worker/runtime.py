@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,13 +15,32 @@ from protos import jobledger_services_pb2 as svc
 from protos import jobledger_types_pb2 as types_pb
 from protos import jobmanager_internal_pb2 as fpb
 from worker.coordinator_client import CoordinatorClient, Stubs
-from worker.task import DescriptorError, Task, TaskEnvironment, TaskKey, build_task
+from worker.task import (
+    DescriptorError,
+    Task,
+    TaskConfigError,
+    TaskEnvironment,
+    TaskKey,
+    build_task,
+)
 
 logger = logging.getLogger(__name__)
 
 # Seconds a report to the coordinator keeps being retried before it is
 # dropped; the coordinator's heartbeat timeout covers what is lost.
 REPORT_TIMEOUT_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeployRejection:
+    """Why an attempt cannot run, and whether a new attempt could.
+
+    ``recoverable`` is False when the task's configuration causes the
+    failure, so every new attempt of the job would fail the same way.
+    """
+
+    reason: str
+    recoverable: bool = True
 
 
 class CoordinatorReporter:
@@ -104,8 +124,10 @@ class Runtime:
         # attempt cannot both start it.
         self._deploying = asyncio.Lock()
 
-    async def deploy(self, descriptor: fpb.TaskDeploymentDescriptor) -> str | None:
-        """Start one attempt; return None, or the reason it cannot run.
+    async def deploy(
+        self, descriptor: fpb.TaskDeploymentDescriptor
+    ) -> DeployRejection | None:
+        """Start one attempt; return None, or why it cannot run.
 
         Deploying an attempt that runs or finished already does nothing; one
         that failed or was canceled is not run again. A newer attempt of the
@@ -122,20 +144,22 @@ class Runtime:
 
     async def _deploy(
         self, key: TaskKey, descriptor: fpb.TaskDeploymentDescriptor
-    ) -> str | None:
+    ) -> DeployRejection | None:
         self.reap()
         outcome = self.ended.get(key)
         if key in self.tasks or outcome == "finished":
             logger.debug("task %s is deployed already", key)
             return None
         if outcome is not None:
-            return (
+            return DeployRejection(
                 f"attempt {key.attempt} of task {key.task_id} was {outcome} "
                 "here already; deploy a newer attempt"
             )
         newer = [k.attempt for k in self._attempts_of(key) if k.attempt > key.attempt]
         if newer:
-            return f"attempt {key.attempt} is stale: attempt {max(newer)} runs here"
+            return DeployRejection(
+                f"attempt {key.attempt} is stale: attempt {max(newer)} runs here"
+            )
         for older in self._attempts_of(key):
             await self.cancel(older)
         # Channels that senders of older attempts opened can never be read.
@@ -147,13 +171,14 @@ class Runtime:
         except DescriptorError as exc:
             logger.warning("deployment of task %s rejected: %s", key, exc)
             self._forget_channels(key)
-            return str(exc)
+            return DeployRejection(str(exc), not isinstance(exc, TaskConfigError))
         except Exception as exc:
             # User code runs while a task is built (an operator's constructor,
-            # a restore), so anything it raises must still be a reply.
+            # a restore), so anything it raises must still be a reply. It may
+            # depend on outside state, so a new attempt may succeed.
             logger.exception("building task %s failed", key)
             self._forget_channels(key)
-            return f"building task {key} failed: {exc!r}"
+            return DeployRejection(f"building task {key} failed: {exc!r}")
         self.tasks[key] = task
         task.start()
         logger.info("task %s deployed", key)

@@ -29,19 +29,24 @@ class TaskExecution(fpb_grpc.TaskExecutionServicer):
     async def DeployTask(
         self, request: fpb.TaskDeploymentDescriptor, context: grpc.aio.ServicerContext
     ) -> fpb.DeployTaskResponse:
-        reason = await self._runtime.deploy(request)
-        if reason is None:
+        rejection = await self._runtime.deploy(request)
+        if rejection is None:
             return fpb.DeployTaskResponse(success=True, message="deployed")
         failure = fpb.ReportTaskStartupFailureRequest(
             job_id=request.job_graph_job_id,
             job_vertex_id=request.job_vertex_id,
             subtask_index=request.subtask_index,
             task_manager_id=self._task_manager_id,
-            failure_reason=reason,
+            failure_reason=rejection.reason,
             attempt=request.attempt,
+            unrecoverable=not rejection.recoverable,
         )
+        # The report goes first, so the coordinator records the failure with its
+        # classification before the reply below marks the attempt failed.
+        # NOTE: when the report is lost, the coordinator receives only the failed
+        # reply and restarts the job; the next attempt's report then fails it.
         await self._runtime.reporter.startup_failure(failure)
-        return fpb.DeployTaskResponse(success=False, message=reason)
+        return fpb.DeployTaskResponse(success=False, message=rejection.reason)
 
 
 class TaskManagerCheckpointing(fpb_grpc.TaskManagerCheckpointingServicer):

@@ -62,6 +62,14 @@ class DescriptorError(ValueError):
     """A deployment descriptor cannot be run; the message gives the reason."""
 
 
+class TaskConfigError(DescriptorError):
+    """The task's operator names or configuration are invalid.
+
+    A new attempt gets the same configuration, so it would fail the same way;
+    the coordinator fails the job instead of restarting it.
+    """
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class TaskKey:
     """One attempt of one subtask of one job."""
@@ -467,11 +475,11 @@ def _config(data: bytes, name: str) -> dict[str, Any]:
     try:
         config = json.loads(data or b"{}")
     except ValueError as exc:
-        raise DescriptorError(
+        raise TaskConfigError(
             f"operator_configuration of {name!r} is not valid JSON: {exc}"
         ) from exc
     if not isinstance(config, dict):
-        raise DescriptorError(f"operator_configuration of {name!r} is not an object")
+        raise TaskConfigError(f"operator_configuration of {name!r} is not an object")
     return config
 
 
@@ -509,7 +517,7 @@ def _operators(
             else:
                 operators.append(create_operator(name, config, context))
     except ConfigError as exc:
-        raise DescriptorError(str(exc)) from exc
+        raise TaskConfigError(str(exc)) from exc
     return source, operators
 
 
@@ -570,11 +578,11 @@ def _hash_edge(
     vertex_id: str, senders: dict[int, Sender], info: fpb.OutputEdgeKeyingInfo | None
 ) -> OutputEdge:
     if info is None or not info.serialized_key_selector:
-        raise DescriptorError(f"HASH output to {vertex_id} has no key selector")
+        raise TaskConfigError(f"HASH output to {vertex_id} has no key selector")
     try:
         key_of = key_selector(info.serialized_key_selector, "key selector")
     except ConfigError as exc:
-        raise DescriptorError(str(exc)) from exc
+        raise TaskConfigError(str(exc)) from exc
     parallelism = info.downstream_parallelism or len(senders)
     missing = set(range(parallelism)) - set(senders)
     if missing:
@@ -662,7 +670,7 @@ def build_task(
     context = _context(descriptor)
     source, operators = _operators(descriptor, context)
     if source is None and not descriptor.inputs:
-        raise DescriptorError(
+        raise TaskConfigError(
             f"task {key.task_id} runs {descriptor.fully_qualified_operator_name!r}, "
             "which is not a source, and has no inputs"
         )

@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker.operators.base import ConfigError, Operator, OperatorContext
+from worker.operators.names import OPERATOR_NAMES, SOURCE_NAMES
 from worker.operators.sinks import FileSink, PrintSink
 from worker.operators.sources import CsvSource, FileSource, JsonLinesSource
 from worker.operators.transforms import (
@@ -54,6 +55,14 @@ OPERATORS: dict[str, type[Operator]] = {
     "jobledger.sink.print": PrintSink,
     "jobledger.sink.file": FileSink,
 }
+
+# The coordinator validates names against the shared lists, so they must
+# name exactly the operators registered here.
+if tuple(SOURCES) != SOURCE_NAMES or tuple(OPERATORS) != OPERATOR_NAMES:
+    raise ImportError(
+        "worker.operators.names does not list the registered operators; "
+        "update SOURCE_NAMES and OPERATOR_NAMES"
+    )
 
 
 def create_source(
