@@ -25,6 +25,7 @@ from coordinator.decision import (
     TriggerCheckpoint,
     endpoint_of,
     event,
+    registration_of,
 )
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
 from coordinator.jobs import get_job
@@ -358,7 +359,10 @@ def _late(
         request = svc.DiscardSnapshotsRequest(snapshot_handles=[ack.snapshot_handle])
         endpoint = endpoint_of(state, ack.task_manager_id)
         if endpoint:
-            effects.append(DiscardSnapshots(ack.task_manager_id, endpoint, request))
+            registration = registration_of(state, ack.task_manager_id)
+            effects.append(
+                DiscardSnapshots(ack.task_manager_id, endpoint, request, registration)
+            )
     logger.info(
         "late acknowledgement of checkpoint %d by task %s; releasing its state",
         checkpoint_id,
@@ -543,7 +547,14 @@ def trigger_effects(
             checkpoint_timestamp=checkpoint.triggered_ms,
             trace_context=checkpoint.trace_context,
         )
-        effects.append(TriggerCheckpoint(tm_id, endpoint_of(state, tm_id), request))
+        effects.append(
+            TriggerCheckpoint(
+                tm_id,
+                endpoint_of(state, tm_id),
+                request,
+                registration_of(state, tm_id),
+            )
+        )
     return effects
 
 
@@ -559,7 +570,8 @@ def _discard_effects(
         endpoint = endpoint_of(state, tm_id)
         if endpoint:
             request = svc.DiscardSnapshotsRequest(snapshot_handles=sorted(tm_handles))
-            effects.append(DiscardSnapshots(tm_id, endpoint, request))
+            registration = registration_of(state, tm_id)
+            effects.append(DiscardSnapshots(tm_id, endpoint, request, registration))
     return effects
 
 
@@ -576,7 +588,12 @@ def effects_before(state: pb.CoordinatorState, ev: pb.Event) -> list[Effect]:
         )
         for tm_id in _task_managers_of(state, body.job_id):
             effects.append(
-                NotifyCheckpointAborted(tm_id, endpoint_of(state, tm_id), request)
+                NotifyCheckpointAborted(
+                    tm_id,
+                    endpoint_of(state, tm_id),
+                    request,
+                    registration_of(state, tm_id),
+                )
             )
         return effects
     if name == "checkpoint_discarded":
@@ -598,7 +615,12 @@ def effects_after(state: pb.CoordinatorState, ev: pb.Event) -> list[Effect]:
             job_id=body.job_id, checkpoint_id=body.checkpoint_id
         )
         return [
-            NotifyCheckpointComplete(tm_id, endpoint_of(state, tm_id), request)
+            NotifyCheckpointComplete(
+                tm_id,
+                endpoint_of(state, tm_id),
+                request,
+                registration_of(state, tm_id),
+            )
             for tm_id in _task_managers_of(state, body.job_id)
         ]
     return []

@@ -33,6 +33,8 @@ def event(**body: Any) -> pb.Event:
 
 # ------------------------------------------------------------------ effects
 # Calls to workers, made once the events that call for them are durable.
+# Each names the registration it was decided for, so that a call that finds
+# the worker unreachable ends that registration and never a newer one.
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ class DeployTask:
     task_id: str
     attempt: int
     descriptor: fpb.TaskDeploymentDescriptor
+    registration_id: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,6 +53,7 @@ class TriggerCheckpoint:
     task_manager_id: str
     endpoint: str
     request: fpb.TriggerCheckpointRequest
+    registration_id: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -57,6 +61,7 @@ class NotifyCheckpointComplete:
     task_manager_id: str
     endpoint: str
     request: svc.NotifyCheckpointCompleteRequest
+    registration_id: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,6 +69,7 @@ class NotifyCheckpointAborted:
     task_manager_id: str
     endpoint: str
     request: svc.NotifyCheckpointAbortedRequest
+    registration_id: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,6 +77,7 @@ class CancelTask:
     task_manager_id: str
     endpoint: str
     request: svc.CancelTaskRequest
+    registration_id: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,6 +85,7 @@ class DiscardSnapshots:
     task_manager_id: str
     endpoint: str
     request: svc.DiscardSnapshotsRequest
+    registration_id: int
 
 
 Effect = (
@@ -102,6 +110,12 @@ class Decision:
     events: list[pb.Event] = dataclasses.field(default_factory=list)
     reply: Any = None
     effects: list[Effect] = dataclasses.field(default_factory=list)
+
+
+def registration_of(state: pb.CoordinatorState, task_manager_id: str) -> int:
+    """Return the current registration id of a task manager, or 0 when unknown."""
+    tm = state.task_managers.get(task_manager_id)
+    return tm.registration_id if tm is not None else 0
 
 
 def endpoint_of(state: pb.CoordinatorState, task_manager_id: str) -> str:

@@ -20,6 +20,7 @@ from coordinator.decision import (
     Effect,
     endpoint_of,
     event,
+    registration_of,
 )
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
 from coordinator.ids import task_id
@@ -312,6 +313,34 @@ def decide_task_status(
     return Decision([event(task_status_changed=changed)], reply=True)
 
 
+def decide_startup_failure(
+    ctx: Context, job_id: str, tid: str, attempt: int, reason: str, recoverable: bool
+) -> Decision:
+    """Record that a task could not start, and fail the job when it is unrecoverable.
+
+    An unrecoverable failure comes from the task's configuration, which a
+    restart would deploy again unchanged. So the job goes to FAILED at once
+    instead of restarting, whatever the restart strategy allows. The reply is
+    False, and nothing changes, when the report belongs to an older attempt
+    or the task already ended.
+    """
+    from coordinator import checkpoints
+
+    decision = decide_task_status(ctx, job_id, tid, attempt, pb.TASK_FAILED, reason)
+    if recoverable or not decision.events:
+        return decision
+    job_reason = (
+        f"task {tid} failed: {reason}; the failure is not recoverable, "
+        "so the job is not restarted"
+    )
+    logger.warning("job %s fails without a restart: %s", job_id, job_reason)
+    events = [*decision.events]
+    events += checkpoints.abort_pending(ctx, job_id, f"the job failed: {reason}")
+    failed = pb.JobStatusChanged(job_id=job_id, status=pb.JOB_FAILED, reason=job_reason)
+    events.append(event(job_status_changed=failed))
+    return Decision(events, reply=True)
+
+
 def decide_task_health(ctx: Context, job_id: str, tid: str, health: str) -> Decision:
     """Record a task's health status; an unchanged status writes nothing."""
     if not health or len(health) > 64:
@@ -491,6 +520,7 @@ def deploy_effects(
                 task_id=tid,
                 attempt=task.attempt,
                 descriptor=descriptor,
+                registration_id=registration_of(state, task.task_manager_id),
             )
         )
     return effects
@@ -509,7 +539,10 @@ def cancel_effects(state: pb.CoordinatorState, job: pb.JobState) -> list[Effect]
             attempt=task.attempt,
         )
         endpoint = endpoint_of(state, task.task_manager_id)
-        effects.append(CancelTask(task.task_manager_id, endpoint, request))
+        registration = registration_of(state, task.task_manager_id)
+        effects.append(
+            CancelTask(task.task_manager_id, endpoint, request, registration)
+        )
     return effects
 
 

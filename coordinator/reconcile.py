@@ -19,7 +19,14 @@ import logging
 from collections.abc import Iterable, Mapping
 
 from coordinator import taskmanagers
-from coordinator.decision import CancelTask, Context, Decision, Effect, endpoint_of
+from coordinator.decision import (
+    CancelTask,
+    Context,
+    Decision,
+    Effect,
+    endpoint_of,
+    registration_of,
+)
 from coordinator.decision import event as make_event
 from coordinator.ids import task_id
 from coordinator.jobs import PLACED_TASK, TERMINAL_JOB
@@ -86,6 +93,7 @@ def _stray_cancellations(
 ) -> list[Effect]:
     effects: list[Effect] = []
     endpoint = endpoint_of(state, tm_id)
+    registration = registration_of(state, tm_id)
     for reported in running:
         if not _is_stray(state, tm_id, reported):
             continue
@@ -104,7 +112,7 @@ def _stray_cancellations(
             subtask_index=reported.subtask_index,
             attempt=reported.attempt,
         )
-        effects.append(CancelTask(tm_id, endpoint, request))
+        effects.append(CancelTask(tm_id, endpoint, request, registration))
     return effects
 
 

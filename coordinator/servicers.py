@@ -188,14 +188,16 @@ class JobManagerInternalService(fpb_grpc.JobManagerInternalServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> fpb.ReportTaskStartupFailureResponse:
         tid = _task_of(request.job_vertex_id, request.subtask_index)
+        # A sender that predates the unrecoverable field leaves it false, which
+        # keeps the restart behaviour of Flink.NET.
         recorded = await self._engine.execute(
-            jobs.decide_task_status,
+            jobs.decide_startup_failure,
             request.job_id,
             tid,
             request.attempt,
-            pb.TASK_FAILED,
             f"startup failed on {request.task_manager_id or 'a task manager'}: "
             f"{request.failure_reason or 'no reason given'}",
+            not request.unrecoverable,
         )
         return fpb.ReportTaskStartupFailureResponse(acknowledged=recorded)
 

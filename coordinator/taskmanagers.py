@@ -201,6 +201,33 @@ def decide_check_heartbeats(ctx: Context, leader_since_ms: int) -> Decision:
     return Decision(events)
 
 
+def decide_unreachable(
+    ctx: Context, tm_id: str, registration_id: int, call: str, error: str
+) -> Decision:
+    """Declare a worker lost because a call to its registration found no server.
+
+    This ends the registration as a heartbeat timeout would: its tasks fail,
+    its slots are no longer offered and its jobs fail over. Only the
+    registration the call was decided for is affected, so a call that fails
+    after the worker registered again (or after it was lost) changes nothing.
+    """
+    tm = ctx.state.task_managers.get(tm_id)
+    if (
+        tm is None
+        or tm.status != pb.TASK_MANAGER_ALIVE
+        or tm.registration_id != registration_id
+    ):
+        return Decision()
+    reason = (
+        f"task manager {tm_id} at {tm.address}:{tm.port} is unreachable: "
+        f"{call} failed with {error}"
+    )
+    logger.warning(
+        "task manager %s (registration %d) lost: %s", tm_id, registration_id, reason
+    )
+    return Decision(lost_events(ctx.state, tm, reason))
+
+
 def lost_events(
     state: pb.CoordinatorState, tm: pb.TaskManagerState, reason: str
 ) -> list[pb.Event]:

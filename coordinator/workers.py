@@ -26,7 +26,7 @@ from tenacity import (
 )
 
 import observability
-from coordinator import checkpoints, jobs
+from coordinator import checkpoints, jobs, taskmanagers
 from coordinator.config import CoordinatorConfig
 from coordinator.decision import (
     CancelTask,
@@ -62,8 +62,30 @@ class EpochChanged(Exception):
     """The leadership that decided a call moved on; the call is dropped."""
 
 
+def _is_refused(exc: grpc.aio.AioRpcError) -> bool:
+    """Return whether no server listens at the address the call went to.
+
+    gRPC reports a refused TCP connection as UNAVAILABLE with the socket
+    error in the details ("Connection refused" in grpcio 1.85). Retrying does
+    not help, because a restarted worker process registers anew, so nothing
+    serves the registration the call was made for again.
+
+    NOTE: the match is on gRPC's wording. Should a later grpcio word it
+    otherwise, a refused call is retried like any UNAVAILABLE one and still
+    ends the registration once the retries run out.
+    """
+    return (
+        exc.code() == grpc.StatusCode.UNAVAILABLE
+        and "connection refused" in (exc.details() or "").lower()
+    )
+
+
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _TRANSIENT
+    return (
+        isinstance(exc, grpc.aio.AioRpcError)
+        and exc.code() in _TRANSIENT
+        and not _is_refused(exc)
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -192,6 +214,10 @@ class WorkerCalls:
             ok, message = response.success, response.message
         except grpc.aio.AioRpcError as exc:
             ok, message = False, _describe(exc)
+            # The loss fails the task first, so the deployment result below
+            # changes nothing and the job fails over once, away from the
+            # worker, instead of being placed on it again.
+            await self._lose_if_unreachable(effect, epoch, "DeployTask", exc)
         if not ok:
             logger.warning(
                 "deployment of task %s attempt %d of job %s to %s failed: %s",
@@ -228,6 +254,11 @@ class WorkerCalls:
             reason = "" if response.acknowledged else "the task manager rejected it"
         except grpc.aio.AioRpcError as exc:
             reason = _describe(exc)
+            # A worker that cannot be reached to trigger a checkpoint cannot
+            # run its tasks either, so it is lost at once rather than after
+            # the heartbeat timeout. Failing only the checkpoint would leave
+            # the dead worker's slots offered, so a failover could use them.
+            await self._lose_if_unreachable(effect, epoch, "TriggerTaskCheckpoint", exc)
         if reason:
             logger.warning(
                 "trigger of checkpoint %d of job %s on %s failed: %s",
@@ -279,3 +310,29 @@ class WorkerCalls:
                 effect.task_manager_id,
                 _describe(exc),
             )
+            # A CancelTask refused at a failover is often the first sign of a
+            # dead worker, and losing it then keeps the restart off its slots.
+            await self._lose_if_unreachable(effect, epoch, type(effect).__name__, exc)
+
+    async def _lose_if_unreachable(
+        self, effect: Effect, epoch: int, call: str, exc: grpc.aio.AioRpcError
+    ) -> None:
+        """Declare the call's registration lost when the worker was unreachable.
+
+        Only UNAVAILABLE after the retries counts, and a refused connection
+        is not retried. Any response from the worker, even a rejection, shows
+        that it is running. A call that timed out (DEADLINE_EXCEEDED) is left
+        to the heartbeat timeout, because a busy worker may respond late. Safe
+        to call for a registration that has ended, since the decision then
+        writes nothing.
+        """
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return
+        await self._engine.execute_at(
+            epoch,
+            taskmanagers.decide_unreachable,
+            effect.task_manager_id,
+            effect.registration_id,
+            call,
+            _describe(exc),
+        )

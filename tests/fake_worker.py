@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -31,13 +32,23 @@ class FakeWorker(
     fpb_grpc.TaskManagerCheckpointingServicer,
     svc_grpc.TaskManagerControlServicer,
 ):
-    """Records calls; ``deploy_ok`` and ``trigger_delay_s`` shape the answers."""
+    """Records calls; ``deploy_ok`` and ``trigger_delay_s`` shape the answers.
+
+    Attempts listed in ``startup_failure_attempts`` fail to deploy as a real
+    worker's do: ``report_startup_failure`` (when set) gets the report, with
+    ``unrecoverable`` as given, before DeployTask replies failure.
+    """
 
     def __init__(self, task_manager_id: str) -> None:
         self.task_manager_id = task_manager_id
         self.calls: list[Call] = []
         self.deploy_ok = True
         self.trigger_delay_s = 0.0
+        self.startup_failure_attempts: set[int] = set()
+        self.unrecoverable = False
+        self.report_startup_failure: (
+            Callable[[fpb.ReportTaskStartupFailureRequest], Awaitable[Any]] | None
+        ) = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._changed = asyncio.Condition()
@@ -80,9 +91,29 @@ class FakeWorker(
         self, request: fpb.TaskDeploymentDescriptor, context: Any
     ) -> fpb.DeployTaskResponse:
         await self._record("DeployTask", request, context)
+        if request.attempt in self.startup_failure_attempts:
+            return await self._fail_startup(request)
         if self.deploy_ok:
             return fpb.DeployTaskResponse(success=True)
         return fpb.DeployTaskResponse(success=False, message="operator not found")
+
+    async def _fail_startup(
+        self, request: fpb.TaskDeploymentDescriptor
+    ) -> fpb.DeployTaskResponse:
+        reason = f"cannot start {request.fully_qualified_operator_name}"
+        if self.report_startup_failure is not None:
+            await self.report_startup_failure(
+                fpb.ReportTaskStartupFailureRequest(
+                    job_id=request.job_graph_job_id,
+                    job_vertex_id=request.job_vertex_id,
+                    subtask_index=request.subtask_index,
+                    task_manager_id=self.task_manager_id,
+                    failure_reason=reason,
+                    attempt=request.attempt,
+                    unrecoverable=self.unrecoverable,
+                )
+            )
+        return fpb.DeployTaskResponse(success=False, message=reason)
 
     async def TriggerTaskCheckpoint(
         self, request: fpb.TriggerCheckpointRequest, context: Any

@@ -23,7 +23,14 @@ from tests.helpers.coordinator_process import (
     coordinator_command,
     free_port,
 )
+from tests.test_client_cli import (
+    EXIT_FAILED,
+    keyed_sum_spec,
+    run_cli,
+    write_spec,
+)
 from tests.worker_helpers.jobs import (
+    definition,
     expected_sums,
     keyed_sum_graph,
     read_upsert_outputs,
@@ -312,9 +319,52 @@ async def test_bad_operator_config_fails_job(network: Network, tmp_path: Path) -
         "the failed deployment to reach the job",
     )
     # The worker's reason reached the coordinator through
-    # ReportTaskStartupFailure.
-    reasons = [job.failure_reason, *(t.failure_reason for t in job.tasks.values())]
-    assert any(f"{tmp_path / 'missing.csv'} does not exist" in r for r in reasons), job
+    # ReportTaskStartupFailure, marked unrecoverable, so the job failed at once.
+    assert job.status == pb.JOB_FAILED, job
+    assert job.restarts == 0
+    assert f"{tmp_path / 'missing.csv'} does not exist" in job.failure_reason
+    assert "not recoverable" in job.failure_reason
+
+
+async def test_unimportable_function_fails_job(
+    network: Network, tmp_path: Path
+) -> None:
+    await network.add_worker("tm-a")
+    write_events(tmp_path / "events.csv", 20)
+    graph = keyed_sum_graph(tmp_path / "events.csv", tmp_path / "out")
+    graph.vertices[1].operator_definition.CopyFrom(
+        definition("jobledger.map", function="nomodule:nofunc")
+    )
+    job_id = await network.submit(graph)
+    job = await network.wait_job(
+        job_id,
+        lambda j: j.status == pb.JOB_FAILED or j.restarts >= 1,
+        "the unimportable function to fail the job",
+    )
+    assert job.status == pb.JOB_FAILED, job
+    assert job.restarts == 0
+    assert job.failover_attempts == 0
+    assert "task sum_" in job.failure_reason
+    assert "'nomodule:nofunc': cannot import nomodule" in job.failure_reason
+    assert "not recoverable" in job.failure_reason
+
+
+async def test_submit_unknown_builtin_operator(
+    network: Network, tmp_path: Path
+) -> None:
+    spec = keyed_sum_spec(tmp_path / "events.csv", tmp_path / "out", delay_ms=0)
+    spec["vertices"][1]["operator"] = "jobledger.nope"
+    path = write_spec(tmp_path / "job.yaml", spec)
+    submitted = await run_cli(
+        "submit", str(path), "--coordinator", network.coordinator.address
+    )
+    assert submitted.code == EXIT_FAILED, submitted
+    line = submitted.error_line()
+    assert "vertex 'sum'" in line
+    assert "'jobledger.nope' is not a built-in operator" in line
+    assert "jobledger.aggregate" in line
+    jobs = await network.coordinator.admin.ListJobs(svc.ListJobsRequest())
+    assert list(jobs.jobs) == []
 
 
 async def test_second_kill_during_recovered_run(
