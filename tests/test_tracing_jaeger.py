@@ -335,9 +335,20 @@ async def test_failover_and_redeployment_share_trace(
             deployed = {
                 tags(s)["jobledger.task.id"] for s in spans_named(trace, "task.deploy")
             }
-            if failovers and spans_named(trace, "job.restart") and deployed == TASKS:
+            # The workers export their spans on their own schedule, so the
+            # trace is complete only once their DeployTask spans are in too.
+            complete = len(worker_deploy_calls(trace)) >= len(TASKS)
+            restarted = bool(failovers and spans_named(trace, "job.restart"))
+            if restarted and deployed == TASKS and complete:
                 return trace
         return None
+
+    def worker_deploy_calls(trace: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            s
+            for s in spans_named(trace, "/FlinkDotNet.Proto.TaskExecution/DeployTask")
+            if service_of(trace, s) == "jobledger-worker"
+        ]
 
     trace = await poll(recovered, f"the recovery trace of job {job_id}")
     (failover,) = spans_named(trace, "job.failover")
@@ -345,11 +356,6 @@ async def test_failover_and_redeployment_share_trace(
     assert failover["references"] == []
     (restart,) = spans_named(trace, "job.restart")
     assert restart["references"][0]["spanID"] == failover["spanID"]
-    deploy_calls = [
-        s
-        for s in spans_named(trace, "/FlinkDotNet.Proto.TaskExecution/DeployTask")
-        if service_of(trace, s) == "jobledger-worker"
-    ]
-    assert len(deploy_calls) == len(TASKS)
+    assert len(worker_deploy_calls(trace)) == len(TASKS)
     failovers = by_name(await scrape(metrics_port))["jobledger_job_failovers_total"]
     assert failovers >= 1
