@@ -9,7 +9,7 @@ import json
 import os
 import random
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -176,18 +176,29 @@ class Network:
             ) from None
 
 
-@pytest.fixture
-async def network(tmp_path: Path) -> AsyncIterator[Network]:
+@contextlib.asynccontextmanager
+async def running_network(
+    tmp_path: Path, coordinator_args: Sequence[str]
+) -> AsyncIterator[Network]:
+    """Start a coordinator with ``coordinator_args``; kill every worker at exit."""
     coordinator = CoordinatorProcess(
-        tmp_path / "log.db", free_port(), tmp_path, COORDINATOR_ARGS
+        tmp_path / "log.db", free_port(), tmp_path, coordinator_args
     )
     await coordinator.start()
     started = Network(coordinator, tmp_path)
-    yield started
-    for worker in started.workers:
-        with contextlib.suppress(TimeoutError):
-            await worker.stop(signal.SIGKILL)
-    await coordinator.close()
+    try:
+        yield started
+    finally:
+        for worker in started.workers:
+            with contextlib.suppress(TimeoutError):
+                await worker.stop(signal.SIGKILL)
+        await coordinator.close()
+
+
+@pytest.fixture
+async def network(tmp_path: Path) -> AsyncIterator[Network]:
+    async with running_network(tmp_path, COORDINATOR_ARGS) as started:
+        yield started
 
 
 def finished(job: pb.JobState) -> bool:

@@ -4,7 +4,6 @@ refused, instead of waiting for the heartbeat timeout."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,8 +12,12 @@ import pytest
 
 from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2 as svc
-from tests.helpers.coordinator_process import CoordinatorProcess, free_port
-from tests.test_worker_network import Network, finished, output_bytes
+from tests.test_worker_network import (
+    Network,
+    finished,
+    output_bytes,
+    running_network,
+)
 from tests.worker_helpers.jobs import keyed_sum_graph, write_events
 
 # The heartbeat timeout is far longer than the test may take, so only a
@@ -41,16 +44,8 @@ COORDINATOR_ARGS = (
 
 @pytest.fixture
 async def network(tmp_path: Path) -> AsyncIterator[Network]:
-    coordinator = CoordinatorProcess(
-        tmp_path / "log.db", free_port(), tmp_path, COORDINATOR_ARGS
-    )
-    await coordinator.start()
-    started = Network(coordinator, tmp_path)
-    yield started
-    for worker in started.workers:
-        with contextlib.suppress(TimeoutError):
-            await worker.stop(signal.SIGKILL)
-    await coordinator.close()
+    async with running_network(tmp_path, COORDINATOR_ARGS) as started:
+        yield started
 
 
 async def task_manager(network: Network, tm_id: str) -> pb.TaskManagerState:
