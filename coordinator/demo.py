@@ -190,7 +190,7 @@ def pace_sources(graph: fpb.JobGraph, delay_ms: float) -> None:
 def prepare_data(options: DemoOptions) -> int:
     """Create the data folder and extract the flights; return the row count.
 
-    Raises DemoError when the folder holds the log of an earlier run, whose
+    Raises DemoError when the folder contains the log of an earlier run, whose
     jobs, snapshots and output would mix with this run's.
     """
     if (options.data_dir / "log.db").exists():

@@ -5,11 +5,11 @@ state does not place on that worker is cancelled: an attempt of a job that
 ended, an older attempt, or one the state moved elsewhere. Its cancellation
 may have been decided by a leader that died before sending it.
 
-After a takeover the new leader also checks the other direction, once, one
-heartbeat timeout after it took over: a task that ran when it took over,
-on a worker that has heartbeated since without listing it, is gone, and is
-failed so that its job recovers from the latest completed checkpoint.
-Tasks that are still running keep running with their attempt.
+One heartbeat timeout after a takeover, the new leader also checks the
+other direction, once. A task that ran at the takeover, on a worker that
+has heartbeated since without listing it, is gone. It is failed, so its job
+recovers from the latest completed checkpoint. Tasks that are still running
+keep running with their attempt.
 """
 
 from __future__ import annotations

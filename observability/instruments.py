@@ -32,7 +32,7 @@ checkpoint_duration = _meter.create_histogram(
 checkpoint_size = _meter.create_histogram(
     "jobledger.checkpoint.size",
     unit="By",
-    description="Bytes of state a completed checkpoint holds, over all tasks",
+    description="State size of a completed checkpoint over all tasks, in bytes",
     explicit_bucket_boundaries_advisory=BYTES,
 )
 checkpoints_completed = _meter.create_counter(

@@ -36,7 +36,8 @@ class InputGate:
         self._turn = 0
         # Wall-clock time the first barrier of the latest alignment arrived.
         self.alignment_started_ns = 0
-        # The channel whose buffer ``_current`` holds the rest of, or -1.
+        # The channel read last, whose rest of a buffer in ``_current`` is
+        # checked first, or -1.
         self._last = -1
         # Elements released together, e.g. a barrier and a watermark when a
         # channel ends; returned before anything else is read.

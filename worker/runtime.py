@@ -33,7 +33,7 @@ REPORT_TIMEOUT_S = 30.0
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DeployRejection:
-    """Why an attempt cannot run, and whether a new attempt could.
+    """The reason an attempt cannot run, and whether a new attempt could.
 
     ``recoverable`` is False when the task's configuration causes the
     failure, so every new attempt of the job would fail the same way.
