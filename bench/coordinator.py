@@ -63,6 +63,7 @@ from protos import jobledger_services_pb2 as svc
 from protos import jobledger_services_pb2_grpc as svc_grpc
 from protos import jobmanager_internal_pb2 as fpb
 from protos import jobmanager_internal_pb2_grpc as fpb_grpc
+from worker.cli import run_event_loop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIENT_PROCESSES = 2
@@ -385,7 +386,7 @@ def run_client(
     results: multiprocessing.queues.Queue[ClientResult],
 ) -> None:
     """Run in a client process: connect, report ready, wait for ``go``, send."""
-    results.put(asyncio.run(_client(spec, ready, go)))
+    results.put(run_event_loop(_client(spec, ready, go)))
 
 
 async def _client(

@@ -39,6 +39,7 @@ import aiosqlite
 
 from eventlog import SqliteEventLog, event_type
 from protos import jobledger_events_pb2 as pb
+from worker.cli import run_event_loop
 
 GROUP_COMMIT_WRITERS = (1, 16, 256)
 NAIVE_WRITERS = 16
@@ -358,7 +359,7 @@ def run(settings: Settings, parent: Path | None) -> dict[str, Any]:
 
         group_commit: dict[int, Rate] = {}
         for writers in GROUP_COMMIT_WRITERS:
-            rate = asyncio.run(
+            rate = run_event_loop(
                 measure_group_commit(
                     folder / f"group-{writers}.db", writers, event, settings
                 )
@@ -366,13 +367,13 @@ def run(settings: Settings, parent: Path | None) -> dict[str, Any]:
             group_commit[writers] = rate
             _print_rate(f"group commit, {writers} writer(s)", rate)
 
-        naive = asyncio.run(measure_naive(folder / "naive.db", event, settings))
+        naive = run_event_loop(measure_naive(folder / "naive.db", event, settings))
         _print_rate(f"naive, {NAIVE_WRITERS} writers", naive)
 
         limit = measure_limit(folder / "limit.db", event, settings)
         _print_rate(f"limit, executemany of {settings.limit_rows:,}", limit)
 
-        replay = asyncio.run(measure_replay(folder / "replay.db", event, settings))
+        replay = run_event_loop(measure_replay(folder / "replay.db", event, settings))
         _print_rate(f"replay of {settings.replay_events:,} events", replay)
 
     ratio = group_commit[256].median / limit.median

@@ -21,7 +21,7 @@ from coordinator.demo import add_demo_parser
 from eventlog import EventLogError
 from observability import Telemetry, configure_logging
 from observability.cli import add_metrics_arguments, instance_id, telemetry_from_args
-from worker.cli import add_worker_parser
+from worker.cli import add_worker_parser, run_event_loop
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,14 @@ def _add_coordinator_parser(commands: argparse._SubParsersAction) -> None:  # ty
         "(default %(default)s)",
     )
     group.add_argument(
+        "--commit-delay",
+        type=_non_negative,
+        default=0.01,
+        help="maximum seconds the log delays a small commit while appends keep "
+        "arriving, so that one fsync covers more of them; 0 commits at once "
+        "(default %(default)s)",
+    )
+    group.add_argument(
         "--snapshot-every",
         type=_count,
         default=10_000,
@@ -283,6 +291,7 @@ def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
         max_parallelism=args.max_parallelism,
         restart=_restart_strategy(args),
         lease_s=args.lease,
+        commit_delay_s=args.commit_delay,
         snapshot_every=args.snapshot_every,
         retain_events=args.retain_events,
     )
@@ -319,7 +328,7 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         args, "jobledger-coordinator", instance_id(args.coordinator_id, args.listen)
     )
     try:
-        asyncio.run(_serve_until_signal(config, telemetry))
+        run_event_loop(_serve_until_signal(config, telemetry))
     finally:
         telemetry.shutdown()
     return 0

@@ -60,6 +60,8 @@ class CoordinatorConfig:
         default_factory=ExponentialDelayRestart
     )
     lease_s: float = 2.0
+    # The longest the SQLite log holds a small commit back for more appends.
+    commit_delay_s: float = 0.01
     # A snapshot is taken after this many events; 0 turns snapshots off.
     snapshot_every: int = 10_000
     # Events a compaction keeps behind the newest snapshot, for inspection.

@@ -42,12 +42,12 @@ SERVICE_NAMES = (
 MEMORY_LOG = ":memory:"
 
 
-def open_log(db_path: str) -> EventLog:
+def open_log(db_path: str, commit_delay_s: float = 0.01) -> EventLog:
     """Return the log at ``db_path``; ":memory:" is a log without durability,
     for benchmarks that measure what durability costs."""
     if db_path == MEMORY_LOG:
         return MemoryEventLog()
-    return SqliteEventLog(db_path)
+    return SqliteEventLog(db_path, commit_delay_s=commit_delay_s)
 
 
 class Coordinator:
@@ -59,7 +59,9 @@ class Coordinator:
 
     def __init__(self, config: CoordinatorConfig, log: EventLog | None = None) -> None:
         self.config = config
-        self.log = log if log is not None else open_log(config.db_path)
+        self.log = (
+            log if log is not None else open_log(config.db_path, config.commit_delay_s)
+        )
         self.port = 0
         self.address = ""
         self.engine: Engine | None = None

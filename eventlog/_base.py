@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -158,14 +158,19 @@ class EventLog(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def append(self, events: Sequence[pb.Event], epoch: int) -> list[int]:
-        """Append a batch atomically and return its sequence numbers.
+    def append(self, events: Sequence[pb.Event], epoch: int) -> Awaitable[list[int]]:
+        """Append a batch atomically; awaiting the result gives its sequence numbers.
 
-        Returns only once the batch is durable. Each event needs a body; the
-        log sets ``seq`` and ``epoch`` and, when unset, ``timestamp`` (the
-        caller's messages are not changed). Raises FencedError, writing
-        nothing, when ``epoch`` is not the log's leader epoch, and
-        AppendError when the commit fails.
+        The result is ready only once the batch is durable. Each event needs
+        a body; the log sets ``seq`` and ``epoch`` and, when unset,
+        ``timestamp`` (the caller's messages are not changed). Awaiting
+        raises FencedError, writing nothing, when ``epoch`` is not the log's
+        leader epoch, and AppendError when the commit fails.
+
+        A log may queue the batch as soon as ``append`` is called, and may
+        raise an error it finds at once (a closed log) from the call itself.
+        Use ``asyncio.ensure_future``, not ``create_task``, to run an append
+        in the background.
         """
 
     @abc.abstractmethod

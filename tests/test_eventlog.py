@@ -468,6 +468,67 @@ async def test_queued_appends_fail_after_failed_commit(tmp_path: Path) -> None:
         assert await log.last_seq() == 1
 
 
+async def test_commit_delay_gathers_trickling_appends(tmp_path: Path) -> None:
+    async with SqliteEventLog(tmp_path / "events.db", commit_delay_s=0.5) as log:
+        lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
+        assert lease is not None
+        before = log.commits
+        appends = []
+        # Appends arriving one by one, as RPC handlers make them, not
+        # waiting for each other.
+        for i in range(30):
+            appends.append(
+                asyncio.ensure_future(
+                    log.append([registered_event(f"tm-{i}")], lease.epoch)
+                )
+            )
+            await asyncio.sleep(0.002)
+        results = await asyncio.wait_for(asyncio.gather(*appends), 30)
+
+        assert [seqs[0] for seqs in results] == list(range(2, 32))
+        # Without the delay each append could be a commit of its own.
+        assert log.commits - before <= 6
+
+
+async def test_commit_delay_stops_when_writers_wait(tmp_path: Path) -> None:
+    # One caller that waits for each append gains nothing from a delay, so
+    # the log stops delaying after the first delay gathered nothing.
+    async with SqliteEventLog(tmp_path / "events.db", commit_delay_s=1.0) as log:
+        lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
+        assert lease is not None
+        started = time.monotonic()
+        for i in range(12):
+            await log.append([registered_event(f"tm-{i}")], lease.epoch)
+        elapsed = time.monotonic() - started
+
+    # Twelve delays would take 12 s.
+    assert elapsed < 6.0, f"12 sequential appends took {elapsed:.1f} s"
+
+
+async def test_commit_delay_ends_when_queue_fills(tmp_path: Path) -> None:
+    async with SqliteEventLog(tmp_path / "events.db", commit_delay_s=60.0) as log:
+        lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
+        assert lease is not None
+        first = asyncio.ensure_future(
+            log.append([registered_event("first")], lease.epoch)
+        )
+        # The writer delays the commit of the first append by up to 60 s ...
+        await asyncio.sleep(0.1)
+        assert not first.done()
+        # ... until enough appends wait for one commit to pay.
+        rest = [
+            log.append([registered_event(f"tm-{i}")], lease.epoch) for i in range(80)
+        ]
+        results = await asyncio.wait_for(asyncio.gather(first, *rest), 20)
+
+    assert [seqs[0] for seqs in results] == list(range(2, 83))
+
+
+async def test_negative_commit_delay_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="invalid commit delay -1"):
+        SqliteEventLog(tmp_path / "events.db", commit_delay_s=-1)
+
+
 async def test_close_commits_waiting_appends(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
     log = SqliteEventLog(path)
@@ -480,14 +541,14 @@ async def test_close_commits_waiting_appends(tmp_path: Path) -> None:
         # commit waiting on SQLite's busy timeout while close() runs.
         blocker.execute("BEGIN IMMEDIATE")
         in_commit = [
-            asyncio.create_task(
+            asyncio.ensure_future(
                 log.append([registered_event(f"in-commit-{i}")], lease.epoch)
             )
             for i in range(10)
         ]
         await asyncio.sleep(0.3)
         queued = [
-            asyncio.create_task(
+            asyncio.ensure_future(
                 log.append([registered_event(f"queued-{i}")], lease.epoch)
             )
             for i in range(10)

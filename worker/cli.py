@@ -6,10 +6,14 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from observability import Telemetry
 from observability.cli import add_metrics_arguments, instance_id, telemetry_from_args
 from worker.server import Worker, WorkerConfig
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +124,21 @@ async def serve_until_signal(
         await worker.stop()
 
 
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on a new event loop, as ``asyncio.run`` does.
+
+    The loop is uvloop's where it is installed (Linux and macOS): its
+    scheduling and I/O are compiled, so every RPC, commit hand-off and task
+    wake-up costs the process less than on asyncio's own loop.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """Run the ``worker`` subcommand; return the exit status."""
     config = worker_config(args)
@@ -127,7 +146,7 @@ def run_worker(args: argparse.Namespace) -> int:
         args, "jobledger-worker", instance_id(args.id, args.listen)
     )
     try:
-        asyncio.run(serve_until_signal(config, telemetry))
+        run_event_loop(serve_until_signal(config, telemetry))
     finally:
         telemetry.shutdown()
     return 0
