@@ -426,18 +426,29 @@ def decide_expire(ctx: Context, checkpoint_id: int) -> Decision:
 
 
 def decide_trigger_failed(
-    ctx: Context, checkpoint_id: int, task_manager_id: str, reason: str
+    ctx: Context,
+    checkpoint_id: int,
+    task_manager_id: str,
+    reason: str,
+    rejected: bool = False,
 ) -> Decision:
-    """Fail a pending checkpoint whose trigger did not reach a task manager."""
+    """Fail a pending checkpoint whose trigger did not reach a task manager.
+
+    ``rejected`` means the task manager replied that no source of the job
+    runs there: a source finished, or has not started yet. Like Flink's
+    NOT_ALL_REQUIRED_TASKS_RUNNING, that aborts the checkpoint without
+    counting against the tolerance, so a job whose sources are finishing is
+    not failed over for it.
+    """
     checkpoint = ctx.state.checkpoints.get(checkpoint_id)
     if checkpoint is None or checkpoint.status != pb.CHECKPOINT_PENDING:
         return Decision()
     failed = pb.CheckpointFailed(
         checkpoint_id=checkpoint_id,
         job_id=checkpoint.job_id,
-        failure=pb.CHECKPOINT_DECLINED,
+        failure=pb.CHECKPOINT_ABORTED if rejected else pb.CHECKPOINT_DECLINED,
         message=f"trigger failed on task manager {task_manager_id}: {reason}",
-        counts_against_tolerance=True,
+        counts_against_tolerance=not rejected,
     )
     return Decision([event(checkpoint_failed=failed)])
 

@@ -25,6 +25,11 @@ from worker.cli import add_worker_parser, run_event_loop
 
 logger = logging.getLogger(__name__)
 
+# The maximum commit delay the CLI accepts. A lone append, such as an idle
+# coordinator's next one, waits a whole delay before the log learns that
+# delaying does not pay, so every RPC reply may be delayed this long.
+_MAX_COMMIT_DELAY_S = 1.0
+
 DEFAULT_PORT = 6123
 
 
@@ -60,6 +65,22 @@ def _non_negative(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _commit_delay(text: str) -> float:
+    """Return ``text`` as seconds from 0 to _MAX_COMMIT_DELAY_S; raise
+    ArgumentTypeError naming it otherwise (NaN and infinity included)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds"
+        ) from None
+    if not 0 <= value <= _MAX_COMMIT_DELAY_S:
+        raise argparse.ArgumentTypeError(
+            f"{text} is out of range; give 0 to {_MAX_COMMIT_DELAY_S:g} seconds"
+        )
     return value
 
 
@@ -221,11 +242,11 @@ def _add_coordinator_parser(commands: argparse._SubParsersAction) -> None:  # ty
     )
     group.add_argument(
         "--commit-delay",
-        type=_non_negative,
+        type=_commit_delay,
         default=0.01,
         help="maximum seconds the log delays a small commit while appends keep "
-        "arriving, so that one fsync covers more of them; 0 commits at once "
-        "(default %(default)s)",
+        "arriving, so that one fsync covers more of them; 0 commits at once, "
+        f"{_MAX_COMMIT_DELAY_S:g} at most (default %(default)s)",
     )
     group.add_argument(
         "--snapshot-every",

@@ -17,13 +17,13 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from coordinator import checkpoints, jobs, reconcile
 from coordinator.config import CoordinatorConfig
 from coordinator.decision import Context, Decision, Effect
-from coordinator.errors import NotLeader, ReplayError
+from coordinator.errors import CommandRejected, NotLeader, ReplayError
 from coordinator.replay import replay
 from coordinator.state import apply
 from eventlog import EventLog, EventLogError, Lease, now_ms
@@ -82,6 +82,8 @@ class Engine:
         self.leader_address = ""
         self._durable_seq = 0
         self._durable = asyncio.Condition()
+        # Appends whose callers gave up before they landed, counted on landing.
+        self._late_appends: set[asyncio.Task[None]] = set()
         self.lost = asyncio.Event()
         # What the workers reported running since this coordinator took over,
         # and what the state had running then; leader-local, never events.
@@ -175,17 +177,25 @@ class Engine:
 
         Raises CommandRejected (writing nothing) when the command is
         rejected, and NotLeader when this coordinator does not lead or loses
-        the leadership before the events are durable.
+        the leadership before the events are durable. A reply or rejection
+        without events of its own waits until the events it read are
+        durable, so it shows nothing that a crash could take back.
         """
         lease = self.lease
         if lease is None or not self.leads_at(lease.epoch):
             raise NotLeader(self.leader_address)
         ctx = Context(self.state, self.config, now_ms(), self._rng)
-        decision = decider(ctx, *args)
+        try:
+            decision = decider(ctx, *args)
+        except CommandRejected:
+            await self.wait_settled()
+            raise
         events, effects = self._apply_decision(ctx, lease.epoch, decision)
         if events:
             await self._append(events, lease.epoch)
             spans.record_events(self.state, events)
+        else:
+            await self.wait_settled()
         if effects and self.effect_sink is not None:
             self.effect_sink(effects, lease.epoch)
         return decision.reply
@@ -263,8 +273,22 @@ class Engine:
     async def _append(self, events: list[pb.Event], epoch: int) -> None:
         expected_first = events[0].seq
         started = time.perf_counter()
+        appended: Awaitable[list[int]] | None = None
         try:
-            seqs = await self.log.append(events, epoch)
+            appended = self.log.append(events, epoch)
+            # A queued append is shielded: when the caller gives up (its RPC
+            # was cancelled), its events are applied already and still land,
+            # or fail, later. A coroutine (the in-memory log) runs inline.
+            if isinstance(appended, asyncio.Future):
+                seqs = await asyncio.shield(appended)
+            else:
+                seqs = await appended
+        except asyncio.CancelledError:
+            if isinstance(appended, asyncio.Future):
+                late = asyncio.ensure_future(self._land_late(appended, epoch))
+                self._late_appends.add(late)
+                late.add_done_callback(self._late_appends.discard)
+            raise
         except EventLogError as exc:
             self.step_down(f"append failed: {exc}")
             raise NotLeader(self.leader_address) from exc
@@ -276,14 +300,53 @@ class Engine:
                 "expected; another writer shares this epoch"
             )
             raise NotLeader(self.leader_address)
+        await self._note_durable(seqs[-1])
+
+    async def _land_late(self, appended: asyncio.Future[list[int]], epoch: int) -> None:
+        """Count an append whose caller gave up once it lands; step down
+        when it fails, since its events are applied already."""
+        try:
+            seqs = await appended
+        except EventLogError as exc:
+            if self.epoch == epoch:
+                self.step_down(f"append failed after its caller gave up: {exc}")
+            return
+        if self.epoch == epoch:
+            await self._note_durable(seqs[-1])
+
+    async def _note_durable(self, seq: int) -> None:
         async with self._durable:
-            self._durable_seq = max(self._durable_seq, seqs[-1])
+            self._durable_seq = max(self._durable_seq, seq)
             self._durable.notify_all()
 
     async def wait_durable(self, seq: int) -> None:
         """Return once every event up to ``seq`` is durable."""
         async with self._durable:
             await self._durable.wait_for(lambda: self._durable_seq >= seq)
+
+    async def wait_settled(self) -> None:
+        """Return once every event applied so far is durable.
+
+        Handlers call this after building a reply from the state and before
+        sending it, so the reply shows nothing a crash could undo. Raises
+        NotLeader when this coordinator does not lead, or stops leading
+        before then.
+        """
+        epoch = self.epoch
+        seq = self.state.applied_seq
+        if not epoch:
+            raise NotLeader(self.leader_address)
+        if self._durable_seq >= seq:
+            return
+        durable = asyncio.ensure_future(self.wait_durable(seq))
+        lost = asyncio.ensure_future(self.lost.wait())
+        try:
+            await asyncio.wait((durable, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            durable.cancel()
+            lost.cancel()
+        if self.epoch != epoch or self._durable_seq < seq:
+            raise NotLeader(self.leader_address)
 
     # ------------------------------------------------------------ snapshots
 

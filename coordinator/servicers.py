@@ -326,13 +326,18 @@ class AdminService(svc_grpc.AdminServiceServicer):
     ) -> svc.ListJobsResponse:
         state = self._state()
         ordered = sorted(state.jobs.values(), key=lambda j: j.submitted_ms)
-        return svc.ListJobsResponse(jobs=[_summary(job) for job in ordered])
+        reply = svc.ListJobsResponse(jobs=[_summary(job) for job in ordered])
+        await self._engine.wait_settled()
+        return reply
 
     @rpc
     async def GetJob(
         self, request: svc.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.JobState:
-        return jobs.get_job(self._state(), request.job_id)
+        job = pb.JobState()
+        job.CopyFrom(jobs.get_job(self._state(), request.job_id))
+        await self._engine.wait_settled()
+        return job
 
     @rpc
     async def CancelJob(
@@ -348,12 +353,14 @@ class AdminService(svc_grpc.AdminServiceServicer):
     ) -> svc.ListTaskManagersResponse:
         state = self._state()
         free = jobs.slots_free(state)
-        return svc.ListTaskManagersResponse(
+        reply = svc.ListTaskManagersResponse(
             task_managers=[
                 svc.TaskManagerSummary(task_manager=tm, slots_free=free.get(tm_id, 0))
                 for tm_id, tm in sorted(state.task_managers.items())
             ]
         )
+        await self._engine.wait_settled()
+        return reply
 
     @rpc
     async def ListCheckpoints(
@@ -365,14 +372,19 @@ class AdminService(svc_grpc.AdminServiceServicer):
             (c for c in state.checkpoints.values() if c.job_id == request.job_id),
             key=lambda c: c.checkpoint_id,
         )
-        return svc.ListCheckpointsResponse(
+        reply = svc.ListCheckpointsResponse(
             checkpoints=[_checkpoint_summary(c) for c in ordered]
         )
+        await self._engine.wait_settled()
+        return reply
 
     @rpc
     async def GetOverview(
         self, request: svc.GetOverviewRequest, context: grpc.aio.ServicerContext
     ) -> svc.Overview:
+        self._state()
+        standbys = await self._live_standbys()
+        # Read after the standbys: the state may have changed meanwhile.
         state = self._state()
         alive = [
             tm
@@ -380,8 +392,7 @@ class AdminService(svc_grpc.AdminServiceServicer):
             if tm.status == pb.TASK_MANAGER_ALIVE
         ]
         statuses = [job.status for job in state.jobs.values()]
-        standbys = await self._live_standbys()
-        return svc.Overview(
+        reply = svc.Overview(
             standbys=standbys,
             coordinator_id=self._engine.coordinator_id,
             leader_id=state.leader_id,
@@ -398,6 +409,8 @@ class AdminService(svc_grpc.AdminServiceServicer):
             jobs_failed=statuses.count(pb.JOB_FAILED),
             jobs_pending=statuses.count(pb.JOB_CREATED),
         )
+        await self._engine.wait_settled()
+        return reply
 
     async def _live_standbys(self) -> list[svc.StandbyStatus]:
         """Return the standbys that reported within three lease periods."""

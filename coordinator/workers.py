@@ -251,8 +251,10 @@ class WorkerCalls:
                 min(self._config.worker_call_timeout_s, 10.0),
                 still_needed=lambda: self._pending(request.checkpoint_id),
             )
-            reason = "" if response.acknowledged else "the task manager rejected it"
+            rejected = not response.acknowledged
+            reason = "no source of the job runs there" if rejected else ""
         except grpc.aio.AioRpcError as exc:
+            rejected = False
             reason = _describe(exc)
             # A worker that cannot be reached to trigger a checkpoint cannot
             # run its tasks either, so it is lost at once rather than after
@@ -273,6 +275,7 @@ class WorkerCalls:
                 request.checkpoint_id,
                 effect.task_manager_id,
                 reason,
+                rejected,
             )
 
     def _pending(self, checkpoint_id: int) -> bool:

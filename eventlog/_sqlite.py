@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import sqlite3
 import time
 from collections import deque
@@ -189,9 +190,10 @@ class SqliteEventLog(EventLog):
         poll_interval_s: float = 0.02,
         page_size: int = 4096,
     ) -> None:
-        if commit_delay_s < 0:
+        if not 0 <= commit_delay_s < math.inf:
             raise ValueError(
-                f"invalid commit delay {commit_delay_s} s: give 0 or more seconds"
+                f"invalid commit delay {commit_delay_s} s: give a finite number "
+                "of 0 or more seconds"
             )
         self.path = Path(path)
         self._max_batch_events = max_batch_events
@@ -266,8 +268,11 @@ class SqliteEventLog(EventLog):
         self._closing = True
         if self._writer_task is not None:
             # Appends already handed over are committed first, within a bound;
-            # new ones are rejected from here on.
+            # new ones are rejected from here on. A running commit delay ends,
+            # since no more appends can come.
             self._wakeup.set()
+            if self._delay_waiter is not None:
+                _settle(self._delay_waiter)
             try:
                 await asyncio.wait_for(asyncio.shield(self._writer_task), 5.0)
             except TimeoutError:
@@ -381,10 +386,10 @@ class SqliteEventLog(EventLog):
     def append(
         self, events: Sequence[pb.Event], epoch: int
     ) -> asyncio.Future[list[int]]:
-        # A plain method returning the caller's future, not a coroutine: at
-        # high rates, each append costs the event loop more than its share
-        # of the commit does, and a coroutine per append added about a tenth
-        # to the loop's time per append in a benchmark of 256 writers.
+        # A plain method returning the caller's future, not a coroutine. At
+        # high rates each append costs the event loop more than its share of
+        # the commit does, and a coroutine per append added about a tenth to
+        # the loop's time per append in a benchmark of 256 writers.
         # One test covers the open log, for the same reason.
         if self._writer is None or self._closing:
             self._conn(self._writer)
@@ -441,7 +446,11 @@ class SqliteEventLog(EventLog):
                     await self._start_commit(in_flight)
                     await self._finish_oldest(in_flight)
                     continue
-                if self._commit_delay_s and len(self._queue) < _DELAY_FULL_APPENDS:
+                if (
+                    self._commit_delay_s
+                    and not self._closing
+                    and len(self._queue) < _DELAY_FULL_APPENDS
+                ):
                     await self._delay_commit()
                 await self._start_commit(in_flight)
         finally:

@@ -44,6 +44,8 @@ class FakeWorker(
         self.calls: list[Call] = []
         self.deploy_ok = True
         self.trigger_delay_s = 0.0
+        # False makes TriggerTaskCheckpoint reply that no source runs here.
+        self.trigger_accepted = True
         self.startup_failure_attempts: set[int] = set()
         self.unrecoverable = False
         self.report_startup_failure: (
@@ -121,7 +123,7 @@ class FakeWorker(
         await self._record("TriggerTaskCheckpoint", request, context)
         if self.trigger_delay_s:
             await asyncio.sleep(self.trigger_delay_s)
-        return fpb.TriggerCheckpointResponse(acknowledged=True)
+        return fpb.TriggerCheckpointResponse(acknowledged=self.trigger_accepted)
 
     async def NotifyCheckpointComplete(
         self, request: svc.NotifyCheckpointCompleteRequest, context: Any

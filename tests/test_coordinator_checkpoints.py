@@ -296,6 +296,25 @@ async def test_exceeding_tolerance_fails_over(cluster: Cluster) -> None:
     assert len(redeployed) == 3
 
 
+@pytest.mark.coordinator(restart=FAST_RESTART)
+async def test_rejected_trigger_not_counted(cluster: Cluster) -> None:
+    # A worker whose sources finished replies that no source runs there:
+    # with a tolerance of 0 that must not fail the job over.
+    worker, job_id = await running_job(cluster)
+    worker.trigger_accepted = False
+    checkpoint_id = await request_checkpoint(cluster, job_id)
+    await cluster.wait(
+        lambda s: s.checkpoints[checkpoint_id].status == pb.CHECKPOINT_FAILED
+    )
+    checkpoint = cluster.state.checkpoints[checkpoint_id]
+    assert checkpoint.failure == pb.CHECKPOINT_ABORTED
+    assert "no source of the job runs there" in checkpoint.failure_message
+    job = cluster.state.jobs[job_id]
+    assert job.status == pb.JOB_RUNNING
+    assert job.restarts == 0
+    assert job.failed_checkpoints_in_row == 0
+
+
 @pytest.mark.coordinator(checkpoints={"tolerable_failed": 1}, restart=FAST_RESTART)
 async def test_within_tolerance_keeps_running(cluster: Cluster) -> None:
     _, job_id = await running_job(cluster)

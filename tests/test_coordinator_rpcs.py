@@ -8,6 +8,7 @@ fixture replays the log and compares the result with the live state.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 
 import grpc
@@ -469,6 +470,33 @@ async def test_acknowledge_checkpoint_duplicate_ignored(cluster: Cluster) -> Non
     checkpoint = cluster.state.checkpoints[checkpoint_id]
     assert checkpoint.acknowledgements["src_0"].snapshot_handle == "handle"
     assert checkpoint.status == pb.CHECKPOINT_PENDING
+
+
+async def test_duplicate_acknowledgement_waits_for_first(cluster: Cluster) -> None:
+    # A worker that sends its acknowledgement again, while the first is not
+    # durable yet, gets its reply only once the first is: a crash before
+    # then could take the first back.
+    _, job_id = await running_job(cluster)
+    checkpoint_id = await request_checkpoint(cluster, job_id)
+    blocker = sqlite3.connect(cluster.coordinator.config.db_path, timeout=30)
+    try:
+        # Held well under the lease, so the leader keeps its lease.
+        blocker.execute("BEGIN IMMEDIATE")
+        first = asyncio.ensure_future(
+            cluster.tm.AcknowledgeCheckpoint(ack_request(job_id, checkpoint_id))
+        )
+        await asyncio.sleep(0.2)
+        assert not first.done()
+        again = asyncio.ensure_future(
+            cluster.tm.AcknowledgeCheckpoint(ack_request(job_id, checkpoint_id))
+        )
+        await asyncio.sleep(0.2)
+        assert not again.done(), "answered before the first acknowledgement landed"
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert (await first).success
+    assert (await again).success
 
 
 @pytest.mark.coordinator(checkpoints={"tolerable_failed": 1})
@@ -970,6 +998,70 @@ async def test_list_jobs_summaries(cluster: Cluster) -> None:
     assert waiting.job_name == "second"
     assert waiting.status == pb.JOB_CREATED
     assert waiting.tasks_running == 0
+
+
+async def test_admin_lists_only_durable_registrations(cluster: Cluster) -> None:
+    # A reply may show only what a crash cannot undo, so a registration
+    # whose commit has not landed must not be listed yet.
+    blocker = sqlite3.connect(cluster.coordinator.config.db_path, timeout=30)
+    try:
+        # Held well under the lease, so the leader keeps its lease.
+        blocker.execute("BEGIN IMMEDIATE")
+        register = asyncio.ensure_future(
+            cluster.tm.RegisterTaskManager(
+                fpb.RegisterTaskManagerRequest(
+                    task_manager_id="tm-1",
+                    address="127.0.0.1",
+                    port=1,
+                    slots=1,
+                    incarnation=1,
+                )
+            )
+        )
+        await asyncio.sleep(0.2)
+        assert not register.done()
+        listing = asyncio.ensure_future(
+            cluster.admin.ListTaskManagers(svc.ListTaskManagersRequest())
+        )
+        await asyncio.sleep(0.2)
+        if listing.done():
+            listed = [
+                s.task_manager.task_manager_id for s in listing.result().task_managers
+            ]
+            assert "tm-1" not in listed, "listed before its registration was durable"
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert (await register).success
+    await listing
+
+
+async def test_admin_replies_after_caller_gave_up(cluster: Cluster) -> None:
+    # A registration whose caller gave up before its commit landed is still
+    # durable once it lands, so the admin queries, which wait until what they
+    # show is durable, reply.
+    blocker = sqlite3.connect(cluster.coordinator.config.db_path, timeout=30)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await cluster.tm.RegisterTaskManager(
+                fpb.RegisterTaskManagerRequest(
+                    task_manager_id="tm-1",
+                    address="127.0.0.1",
+                    port=1,
+                    slots=1,
+                    incarnation=1,
+                ),
+                timeout=0.2,
+            )
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        blocker.rollback()
+        blocker.close()
+    reply = await cluster.admin.ListTaskManagers(
+        svc.ListTaskManagersRequest(), timeout=20
+    )
+    assert [s.task_manager.task_manager_id for s in reply.task_managers] == ["tm-1"]
 
 
 async def test_get_job_returns_state(cluster: Cluster) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import sqlite3
 import time
@@ -527,6 +528,34 @@ async def test_commit_delay_ends_when_queue_fills(tmp_path: Path) -> None:
 async def test_negative_commit_delay_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="invalid commit delay -1"):
         SqliteEventLog(tmp_path / "events.db", commit_delay_s=-1)
+
+
+@pytest.mark.parametrize("delay", [math.nan, math.inf])
+async def test_non_finite_commit_delay_raises(tmp_path: Path, delay: float) -> None:
+    with pytest.raises(ValueError, match=f"invalid commit delay {delay}"):
+        SqliteEventLog(tmp_path / "events.db", commit_delay_s=delay)
+
+
+async def test_close_ends_commit_delay(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    log = SqliteEventLog(path, commit_delay_s=60.0)
+    await log.open()
+    lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
+    assert lease is not None
+    delayed = [
+        asyncio.ensure_future(log.append([registered_event(f"tm-{i}")], lease.epoch))
+        for i in range(3)
+    ]
+    # The writer delays their commit by up to 60 s ...
+    await asyncio.sleep(0.1)
+    assert not any(append.done() for append in delayed)
+    # ... but closing the log ends the delay: they are committed, not failed.
+    await log.close()
+    results = await asyncio.gather(*delayed, return_exceptions=True)
+
+    assert results == [[2], [3], [4]]
+    async with SqliteEventLog(path) as reopened:
+        assert registered_ids(await read_all(reopened)) == ["tm-0", "tm-1", "tm-2"]
 
 
 async def test_close_commits_waiting_appends(tmp_path: Path) -> None:
