@@ -277,9 +277,12 @@ class SqliteEventLog(EventLog):
                 await asyncio.wait_for(asyncio.shield(self._writer_task), 5.0)
             except TimeoutError:
                 logger.warning("event log %s closed with appends unwritten", self.path)
+            except Exception:
+                # The connections are closed below all the same.
+                logger.exception("writer task of event log %s failed", self.path)
             self._writer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer_task
+            # Its failure, if any, was logged above.
+            await asyncio.gather(self._writer_task, return_exceptions=True)
         self._closed = True
         self._fail_pending(LogClosedError(f"event log {self.path} was closed"))
         await self._close_connections()
@@ -417,6 +420,9 @@ class SqliteEventLog(EventLog):
         # while the event loop hands the results of the first to its callers.
         # Each statement lands only where the log ends at its expected seq,
         # so the second never lands after the first failed.
+        # NOTE: an exception other than a commit's own failure (say, an
+        # sqlite3.Error from last_seq() after a failed batch) ends this task,
+        # and appends made after it wait until close() fails them.
         in_flight: deque[asyncio.Task[bool]] = deque()
         waited = True
         try:
