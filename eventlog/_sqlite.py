@@ -205,6 +205,8 @@ class SqliteEventLog(EventLog):
         # Set while the writer delays a commit; a full queue wakes it early.
         self._delay_waiter: asyncio.Future[None] | None = None
         self._commits = 0
+        # Set once the writer task failed; every later append fails with it.
+        self._writer_error: AppendError | None = None
         self._poll_interval_s = poll_interval_s
         self._page_size = page_size
         self._writer: aiosqlite.Connection | None = None
@@ -405,6 +407,9 @@ class SqliteEventLog(EventLog):
         if epoch in self._poisoned_epochs:
             future.set_exception(_poisoned(epoch))
             return future
+        if self._writer_error is not None:
+            future.set_exception(self._writer_error)
+            return future
         queue = self._queue
         queue.append((epoch, _encode(events), len(events), future))
         self._wakeup.set()
@@ -420,9 +425,6 @@ class SqliteEventLog(EventLog):
         # while the event loop hands the results of the first to its callers.
         # Each statement lands only where the log ends at its expected seq,
         # so the second never lands after the first failed.
-        # NOTE: an exception other than a commit's own failure (say, an
-        # sqlite3.Error from last_seq() after a failed batch) ends this task,
-        # and appends made after it wait until close() fails them.
         in_flight: deque[asyncio.Task[bool]] = deque()
         waited = True
         try:
@@ -459,9 +461,20 @@ class SqliteEventLog(EventLog):
                 ):
                     await self._delay_commit()
                 await self._start_commit(in_flight)
-        finally:
+        except asyncio.CancelledError:
             for task in in_flight:
                 task.cancel()
+            raise
+        except Exception as exc:
+            # Any other failure (say, an sqlite3.Error from last_seq() after
+            # a failed batch) ends the writer. The commits in flight settle
+            # their own callers; every other append fails from here on.
+            logger.exception("writer task of event log %s failed", self.path)
+            self._writer_error = AppendError(
+                f"the writer of event log {self.path} failed: {exc!r}; "
+                "close the log and open it again"
+            )
+            self._fail_pending(self._writer_error)
 
     async def _delay_commit(self) -> None:
         """Wait up to the commit delay for more appends, while that pays.
@@ -574,7 +587,19 @@ class SqliteEventLog(EventLog):
                 landed = await self._insert_transaction(batch, epoch, expected_tail)
             if not landed:
                 raise await self._rejection(epoch, expected_tail)
-        except (EventLogError, sqlite3.Error) as exc:
+        except asyncio.CancelledError:
+            # Only close() cancels a commit, once its bound has passed.
+            _fail_all(
+                batch,
+                LogClosedError(
+                    f"event log {self.path} was closed before a commit of {count} "
+                    "events finished; they may or may not be in the log"
+                ),
+            )
+            raise
+        except Exception as exc:
+            # Any failure leaves the commit's outcome unknown, so its epoch
+            # is poisoned and its callers fail, whatever raised.
             self._fail_commit(batch, epoch, exc)
             return False
         landed_at = time.perf_counter()

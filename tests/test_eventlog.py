@@ -558,30 +558,32 @@ async def test_close_ends_commit_delay(tmp_path: Path) -> None:
         assert registered_ids(await read_all(reopened)) == ["tm-0", "tm-1", "tm-2"]
 
 
-async def test_close_after_writer_failure(
+async def test_writer_failure_fails_appends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A defect that ends the writer task cannot be provoked through SQLite,
-    # so the batch taking raises here.
+    # so taking a batch raises here.
     log = SqliteEventLog(tmp_path / "events.db")
     await log.open()
     lease = await log.acquire_lease("a", "127.0.0.1:1", LONG_LEASE_S)
     assert lease is not None
+    (landed,) = await log.append([registered_event("before")], lease.epoch)
 
     def broken(max_events: int = 0) -> list[Any]:
         raise RuntimeError("broken batch")
 
     monkeypatch.setattr(log, "_take_batch", broken)
-    pending = asyncio.ensure_future(log.append([registered_event("x")], lease.epoch))
-    await asyncio.sleep(0.2)
-    assert not pending.done()
+    pending = log.append([registered_event("queued")], lease.epoch)
+    with pytest.raises(AppendError, match="broken batch"):
+        await asyncio.wait_for(pending, 10)
+    with pytest.raises(AppendError, match="open it again"):
+        await log.append([registered_event("after")], lease.epoch)
 
     await asyncio.wait_for(log.close(), 10)
-
-    with pytest.raises(LogClosedError):
-        await pending
-    with pytest.raises(LogClosedError):
-        await log.append([registered_event("y")], lease.epoch)
+    async with SqliteEventLog(tmp_path / "events.db") as reopened:
+        ids = registered_ids(await read_all(reopened))
+    assert ids == ["before"]
+    assert landed == 2
 
 
 async def test_close_commits_waiting_appends(tmp_path: Path) -> None:
