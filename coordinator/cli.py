@@ -18,7 +18,7 @@ from coordinator.config import (
     RestartStrategy,
 )
 from coordinator.demo import add_demo_parser
-from eventlog import EventLogError
+from eventlog import DEFAULT_COMMIT_DELAY_S, EventLogError
 from observability import Telemetry, configure_logging
 from observability.cli import add_metrics_arguments, instance_id, telemetry_from_args
 from worker.cli import add_worker_parser, run_event_loop
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # The maximum commit delay the CLI accepts. A lone append, such as an idle
 # coordinator's next one, waits a whole delay before the log learns that
-# delaying does not pay, so every RPC reply may be delayed this long.
+# delaying does not pay, so an RPC reply may be delayed this long.
 _MAX_COMMIT_DELAY_S = 1.0
 
 DEFAULT_PORT = 6123
@@ -243,7 +243,7 @@ def _add_coordinator_parser(commands: argparse._SubParsersAction) -> None:  # ty
     group.add_argument(
         "--commit-delay",
         type=_commit_delay,
-        default=0.01,
+        default=DEFAULT_COMMIT_DELAY_S,
         help="maximum seconds the log delays a small commit while appends keep "
         "arriving, so that one fsync covers more of them; 0 commits at once, "
         f"{_MAX_COMMIT_DELAY_S:g} at most (default %(default)s)",

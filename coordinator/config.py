@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from eventlog import DEFAULT_COMMIT_DELAY_S
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CheckpointConfig:
@@ -60,8 +62,8 @@ class CoordinatorConfig:
         default_factory=ExponentialDelayRestart
     )
     lease_s: float = 2.0
-    # The longest the SQLite log holds a small commit back for more appends.
-    commit_delay_s: float = 0.01
+    # The maximum time the SQLite log delays a small commit for more appends.
+    commit_delay_s: float = DEFAULT_COMMIT_DELAY_S
     # A snapshot is taken after this many events; 0 turns snapshots off.
     snapshot_every: int = 10_000
     # Events a compaction keeps behind the newest snapshot, for inspection.

@@ -21,7 +21,7 @@ from coordinator.servicers import (
     TaskReporting,
 )
 from coordinator.workers import WorkerCalls
-from eventlog import EventLog, MemoryEventLog, SqliteEventLog
+from eventlog import DEFAULT_COMMIT_DELAY_S, EventLog, MemoryEventLog, SqliteEventLog
 from observability import instruments
 from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2 as svc
@@ -42,7 +42,7 @@ SERVICE_NAMES = (
 MEMORY_LOG = ":memory:"
 
 
-def open_log(db_path: str, commit_delay_s: float = 0.01) -> EventLog:
+def open_log(db_path: str, commit_delay_s: float = DEFAULT_COMMIT_DELAY_S) -> EventLog:
     """Return the log at ``db_path``; ":memory:" is a log without durability,
     for benchmarks that measure what durability costs."""
     if db_path == MEMORY_LOG:

@@ -382,9 +382,10 @@ class AdminService(svc_grpc.AdminServiceServicer):
     async def GetOverview(
         self, request: svc.GetOverviewRequest, context: grpc.aio.ServicerContext
     ) -> svc.Overview:
+        # The first call raises NotLeader before the standbys are read. The
+        # state is read after them, since it may change while they are read.
         self._state()
         standbys = await self._live_standbys()
-        # Read after the standbys: the state may have changed meanwhile.
         state = self._state()
         alive = [
             tm

@@ -16,9 +16,10 @@ from eventlog._base import (
     now_ms,
 )
 from eventlog._memory import MemoryEventLog
-from eventlog._sqlite import SqliteEventLog
+from eventlog._sqlite import DEFAULT_COMMIT_DELAY_S, SqliteEventLog
 
 __all__ = [
+    "DEFAULT_COMMIT_DELAY_S",
     "AppendError",
     "CompactedError",
     "EventDecodeError",

@@ -129,6 +129,8 @@ _DELAY_MIN_GAIN = 4
 # times, doubling after every further such delay up to the maximum.
 _DELAY_FIRST_SKIP = 16
 _DELAY_MAX_SKIP = 4096
+# The commit delay of a log that is not given one, in seconds.
+DEFAULT_COMMIT_DELAY_S = 0.01
 
 
 @functools.lru_cache(maxsize=64)
@@ -186,7 +188,7 @@ class SqliteEventLog(EventLog):
         path: str | Path,
         *,
         max_batch_events: int = 4096,
-        commit_delay_s: float = 0.01,
+        commit_delay_s: float = DEFAULT_COMMIT_DELAY_S,
         poll_interval_s: float = 0.02,
         page_size: int = 4096,
     ) -> None:
@@ -279,12 +281,10 @@ class SqliteEventLog(EventLog):
                 await asyncio.wait_for(asyncio.shield(self._writer_task), 5.0)
             except TimeoutError:
                 logger.warning("event log %s closed with appends unwritten", self.path)
-            except Exception:
-                # The connections are closed below all the same.
-                logger.exception("writer task of event log %s failed", self.path)
             self._writer_task.cancel()
-            # Its failure, if any, was logged above.
-            await asyncio.gather(self._writer_task, return_exceptions=True)
+            # The writer catches every other failure itself.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
         self._closed = True
         self._fail_pending(LogClosedError(f"event log {self.path} was closed"))
         await self._close_connections()
