@@ -42,12 +42,19 @@ from coordinator.errors import NotLeader
 from observability import spans
 from observability.propagation import extract
 from protos import jobledger_events_pb2 as pb
+from protos import jobledger_services_pb2 as svc
 from protos import jobledger_services_pb2_grpc as svc_grpc
+from protos import jobmanager_internal_pb2 as fpb
 from protos import jobmanager_internal_pb2_grpc as fpb_grpc
 
 logger = logging.getLogger(__name__)
 
 EPOCH_METADATA_KEY = "jobledger-leader-epoch"
+
+# The full names of the worker's gRPC services that the coordinator calls.
+TASK_EXECUTION = fpb.DESCRIPTOR.services_by_name["TaskExecution"].full_name
+CHECKPOINTING = fpb.DESCRIPTOR.services_by_name["TaskManagerCheckpointing"].full_name
+CONTROL = svc.DESCRIPTOR.services_by_name["TaskManagerControl"].full_name
 
 _TRANSIENT = frozenset(
     {
@@ -128,9 +135,9 @@ class WorkerCalls:
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
-                endpoint, interceptors=observability.client_interceptors()
-            )
+            # Each call records its own span (spans.call_traced) instead of
+            # going through the gRPC instrumentation's interceptors.
+            channel = grpc.aio.insecure_channel(endpoint)
             self._channels[endpoint] = channel
         return channel
 
@@ -159,14 +166,16 @@ class WorkerCalls:
     async def _call(
         self,
         epoch: int,
-        call: Callable[[tuple[tuple[str, str], ...]], Awaitable[Any]],
+        method: tuple[str, str],
+        call: Callable[[spans.Metadata], Awaitable[Any]],
         timeout_s: float,
         still_needed: Callable[[], bool] = lambda: True,
     ) -> Any:
         """Make one call with retries on transient failures, while at ``epoch``.
 
-        Raises EpochChanged once the leadership moved on or ``still_needed``
-        returns False.
+        ``method`` is the full gRPC service name and the method name, for
+        the span of each attempt. Raises EpochChanged once the leadership
+        moved on or ``still_needed`` returns False.
         """
         metadata = ((EPOCH_METADATA_KEY, str(epoch)),)
         retrying = AsyncRetrying(
@@ -175,11 +184,12 @@ class WorkerCalls:
             retry=retry_if_exception(_is_transient),
             reraise=True,
         )
+        service, name = method
         async for attempt in retrying:
             with attempt:
                 if not self._engine.leads_at(epoch) or not still_needed():
                     raise EpochChanged()
-                return await call(metadata)
+                return await spans.call_traced(service, name, call, metadata)
         raise AssertionError("tenacity ended without a result")
 
     async def _deploy(self, effect: DeployTask, epoch: int) -> None:
@@ -208,6 +218,7 @@ class WorkerCalls:
         try:
             response = await self._call(
                 epoch,
+                (TASK_EXECUTION, "DeployTask"),
                 lambda md: stub.DeployTask(effect.descriptor, metadata=md, timeout=5),
                 timeout,
             )
@@ -247,6 +258,7 @@ class WorkerCalls:
         try:
             response = await self._call(
                 epoch,
+                (CHECKPOINTING, "TriggerTaskCheckpoint"),
                 lambda md: stub.TriggerTaskCheckpoint(request, metadata=md, timeout=5),
                 min(self._config.worker_call_timeout_s, 10.0),
                 still_needed=lambda: self._pending(request.checkpoint_id),
@@ -291,18 +303,14 @@ class WorkerCalls:
         epoch: int,
     ) -> None:
         stub = svc_grpc.TaskManagerControlStub(self._channel(effect.endpoint))
-        if isinstance(effect, NotifyCheckpointComplete):
-            method: Any = stub.NotifyCheckpointComplete
-        elif isinstance(effect, NotifyCheckpointAborted):
-            method = stub.NotifyCheckpointAborted
-        elif isinstance(effect, CancelTask):
-            method = stub.CancelTask
-        else:
-            method = stub.DiscardSnapshots
+        # Each of these effects is named after the RPC that carries it.
+        name = type(effect).__name__
+        method: Any = getattr(stub, name)
         request = effect.request
         try:
             await self._call(
                 epoch,
+                (CONTROL, name),
                 lambda md: method(request, metadata=md, timeout=5),
                 self._config.worker_call_timeout_s,
             )

@@ -22,12 +22,15 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.util.types import AttributeValue
 
+from observability.rpcspans import RpcSpanFactory
 from observability.settings import TelemetrySettings
 
 logger = logging.getLogger(__name__)
 
 EPOCH_ATTRIBUTE = "jobledger.leader.epoch"
+TRACER_NAME = "jobledger"
 
 _active: Telemetry | None = None
 
@@ -53,7 +56,24 @@ def tracer() -> trace.Tracer:
     """
     if _active is not None and _active.tracer is not None:
         return _active.tracer
-    return trace.get_tracer("jobledger")
+    return trace.get_tracer(TRACER_NAME)
+
+
+def start_rpc_span(
+    name: str,
+    kind: trace.SpanKind,
+    parent: trace.SpanContext | None,
+    attributes: dict[str, AttributeValue],
+) -> trace.Span:
+    """Start the span of one RPC below ``parent`` (valid), or a root span if None.
+
+    The span is a cheap ``RpcSpan`` when sampled, a non-recording span with
+    the trace context otherwise, and ``INVALID_SPAN`` when tracing is off.
+    Takes ownership of ``attributes``.
+    """
+    if _active is None or _active.rpc_spans is None:
+        return trace.INVALID_SPAN
+    return _active.rpc_spans.start(name, kind, parent, attributes)
 
 
 class _EpochStamper(SpanProcessor):
@@ -89,6 +109,7 @@ class Telemetry:
         )
         self.tracer_provider: TracerProvider | None = None
         self.tracer: trace.Tracer | None = None
+        self.rpc_spans: RpcSpanFactory | None = None
         self.meter_provider: MeterProvider | None = None
         self.metrics_port: int | None = None
         self._epoch = _EpochStamper(lambda: 0)
@@ -97,6 +118,8 @@ class Telemetry:
     def set_epoch_source(self, epoch: Callable[[], int]) -> None:
         """Read the leader epoch of new spans from ``epoch``."""
         self._epoch.epoch = epoch
+        if self.rpc_spans is not None:
+            self.rpc_spans.epoch = epoch
 
     def start(self, metrics_port: int | None = None, metrics_host: str = "") -> None:
         """Install the providers that the settings and ``metrics_port`` call for.
@@ -117,7 +140,7 @@ class Telemetry:
         if self.settings.tracing:
             self.tracer_provider = self._tracer_provider()
             trace.set_tracer_provider(self.tracer_provider)
-            self.tracer = self.tracer_provider.get_tracer("jobledger")
+            self.tracer = self.tracer_provider.get_tracer(TRACER_NAME)
         _active = self
         logger.info(
             "telemetry of %s (%s): traces %s, metrics %s, prometheus %s",
@@ -129,18 +152,28 @@ class Telemetry:
         )
 
     def _tracer_provider(self) -> TracerProvider:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter,
-        )
+        from observability.otlp import SpanExporter
 
         provider = TracerProvider(
             resource=self.resource, sampler=self.settings.sampler()
         )
         provider.add_span_processor(self._epoch)
-        exporter = OTLPSpanExporter(
-            endpoint=self.settings.traces_endpoint, insecure=self.settings.insecure
+        exporter = SpanExporter(
+            self.resource,
+            TRACER_NAME,
+            endpoint=self.settings.traces_endpoint,
+            insecure=self.settings.insecure,
         )
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        processor = BatchSpanProcessor(exporter)
+        provider.add_span_processor(processor)
+        self.rpc_spans = RpcSpanFactory(
+            provider.sampler,
+            self.settings.sampler_name,
+            provider.id_generator,
+            processor,
+            EPOCH_ATTRIBUTE,
+            self._epoch.epoch,
+        )
         return provider
 
     def _metric_readers(self, port: int | None, host: str) -> list[MetricReader]:
@@ -183,6 +216,7 @@ class Telemetry:
             self.tracer_provider.shutdown()
             self.tracer_provider = None
             self.tracer = None
+            self.rpc_spans = None
         if self.meter_provider is not None:
             self.meter_provider.shutdown()
             self.meter_provider = None

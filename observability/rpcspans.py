@@ -1,0 +1,340 @@
+"""Spans of the coordinator's RPCs, recorded at a fraction of the SDK's cost.
+
+The coordinator makes one span per RPC it serves, and AcknowledgeCheckpoint
+alone arrives thousands of times a second. The SDK's span takes a lock and
+validates each attribute through several layers of calls, and the OTLP
+exporter then builds a protobuf object per span, attribute and value. A
+``RpcSpan`` keeps its attributes in a plain dict, checks the common types
+inline, and is written to OTLP wire bytes by ``observability.otlp``.
+
+It implements the whole ``opentelemetry.trace.Span`` API (attributes,
+events, links, status, exceptions), honours the sampler that
+OTEL_TRACES_SAMPLER configures and the limits of ``SpanLimits``, and goes to
+the same batch span processor as every other span, so export settings,
+queue limits and shutdown apply to it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from random import getrandbits
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, sampling
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
+from opentelemetry.util import types
+
+logger = logging.getLogger(__name__)
+
+_SCALARS = (str, bool, int, float)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_UNSET = Status(StatusCode.UNSET)
+
+
+class RpcSpanFactory:
+    """Starts ``RpcSpan``s of one tracer provider and ends them into its processor.
+
+    ``sampler_name`` is the OTEL_TRACES_SAMPLER name of ``sampler``; for the
+    default, parentbased_always_on, the decision is made inline (sampled
+    unless the parent is not) instead of through the sampler's calls.
+    """
+
+    def __init__(
+        self,
+        sampler: sampling.Sampler,
+        sampler_name: str,
+        id_generator: IdGenerator,
+        processor: SpanProcessor,
+        epoch_attribute: str,
+        epoch: Callable[[], int],
+    ) -> None:
+        self.sampler = sampler
+        self.parent_or_always_on = sampler_name == "parentbased_always_on"
+        self.id_generator = id_generator
+        # The default generator's ids, drawn without its method calls.
+        self.random_ids = type(id_generator) is RandomIdGenerator
+        self.processor = processor
+        # Every span gets the leader epoch current when it starts.
+        self.epoch_attribute = epoch_attribute
+        self.epoch = epoch
+        self.limits = SpanLimits()
+        self.max_attributes = _max(self.limits.max_span_attributes)
+        self.max_length = self.limits.max_span_attribute_length
+
+    def start(
+        self,
+        name: str,
+        kind: SpanKind,
+        parent: SpanContext | None,
+        attributes: dict[str, types.AttributeValue],
+    ) -> trace.Span:
+        """Start a span below ``parent``, a valid span context, or a root span.
+
+        Takes ownership of ``attributes``, whose values must be valid
+        attribute values; this hot path does not check them. Returns a
+        non-recording span that still carries the trace context when the
+        sampler drops it.
+        """
+        if parent is not None:
+            trace_id = parent.trace_id
+        elif self.random_ids:
+            trace_id = getrandbits(128) or self.id_generator.generate_trace_id()
+        else:
+            trace_id = self.id_generator.generate_trace_id()
+        if self.parent_or_always_on:
+            sampled = parent is None or parent.trace_flags.sampled
+            trace_state = parent.trace_state if parent is not None else None
+        else:
+            context = Context()
+            if parent is not None:
+                context = trace.set_span_in_context(NonRecordingSpan(parent))
+            result = self.sampler.should_sample(
+                context, trace_id, name, kind, attributes, None
+            )
+            # RECORD_ONLY spans would never be exported, so they are not
+            # recorded either.
+            sampled = result.decision is sampling.Decision.RECORD_AND_SAMPLE
+            trace_state = result.trace_state
+            if result.attributes:
+                attributes.update(result.attributes)
+        if self.random_ids:
+            span_id = getrandbits(64) or self.id_generator.generate_span_id()
+        else:
+            span_id = self.id_generator.generate_span_id()
+        if not sampled:
+            return NonRecordingSpan(
+                SpanContext(trace_id, span_id, False, _NOT_SAMPLED, trace_state)
+            )
+        attributes[self.epoch_attribute] = self.epoch()
+        span = RpcSpan(
+            self, name, kind, trace_id, span_id, parent, trace_state, attributes
+        )
+        if self.max_length is not None or len(attributes) > self.max_attributes:
+            self._apply_limits(span)
+        return span
+
+    def _apply_limits(self, span: RpcSpan) -> None:
+        """Cut the start attributes of ``span`` to the span limits, as
+        ``set_attribute`` would have."""
+        given = span.attributes
+        span.attributes = {}
+        for key, value in given.items():
+            span.set_attribute(key, value)
+
+
+class RpcSpan(trace.Span):
+    """A sampled span with its attributes in a plain dict, exported over OTLP.
+
+    Attribute values of type str, bool, int and float are stored as given
+    (strings cut to the attribute length limit); sequences and invalid values
+    go through the SDK's ``BoundedAttributes`` checks. Not thread-safe: the
+    coordinator changes a span only from its event loop.
+    """
+
+    __slots__ = (
+        "attributes",
+        "end_time",
+        "factory",
+        "kind",
+        "name",
+        "parent",
+        "span_id",
+        "start_time",
+        "trace_id",
+        "trace_state",
+    )
+
+    # Most spans keep these defaults, so they are class attributes until a
+    # span sets its own (in the instance dict that trace.Span provides).
+    dropped_attributes = 0
+    events: tuple[tuple[str, int, Mapping[str, types.AttributeValue]], ...] = ()
+    dropped_events = 0
+    links: tuple[Link, ...] = ()
+    dropped_links = 0
+    status = _UNSET
+    _span_context: SpanContext | None = None
+
+    def __init__(
+        self,
+        factory: RpcSpanFactory,
+        name: str,
+        kind: SpanKind,
+        trace_id: int,
+        span_id: int,
+        parent: SpanContext | None,
+        trace_state: TraceState | None,
+        attributes: dict[str, types.AttributeValue],
+    ) -> None:
+        self.factory = factory
+        self.name = name
+        self.kind = kind
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent = parent
+        self.trace_state = trace_state
+        self.attributes = attributes
+        self.end_time: int | None = None
+        self.start_time = time.time_ns()
+
+    # The batch span processor reads ``span.context`` of the spans it queues.
+    @property
+    def context(self) -> SpanContext:
+        return self.get_span_context()
+
+    def get_span_context(self) -> SpanContext:
+        if self._span_context is None:
+            self._span_context = SpanContext(
+                self.trace_id, self.span_id, False, _SAMPLED, self.trace_state
+            )
+        return self._span_context
+
+    def is_recording(self) -> bool:
+        return self.end_time is None
+
+    def set_attribute(self, key: str, value: types.AttributeValue) -> None:
+        if self.end_time is not None:
+            logger.warning("attribute %s not set: span %s has ended", key, self.name)
+            return
+        factory = self.factory
+        kind = type(value)
+        if kind is str and type(key) is str and key:
+            if factory.max_length is not None:
+                value = value[: factory.max_length]  # type: ignore[index]
+        elif kind not in _SCALARS or type(key) is not str or not key:
+            cleaned = _clean(key, value, factory.max_length)
+            if cleaned is None:
+                return
+            value = cleaned
+        attributes = self.attributes
+        if key not in attributes and len(attributes) >= factory.max_attributes:
+            self.dropped_attributes += 1
+            return
+        attributes[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def add_event(
+        self,
+        name: str,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+    ) -> None:
+        if self.end_time is not None:
+            logger.warning("event %s not added: span %s has ended", name, self.name)
+            return
+        limits = self.factory.limits
+        if len(self.events) >= _max(limits.max_events):
+            self.dropped_events += 1
+            return
+        cleaned = BoundedAttributes(
+            limits.max_event_attributes,
+            attributes,
+            immutable=True,
+            max_value_len=limits.max_attribute_length,
+        )
+        moment = time.time_ns() if timestamp is None else timestamp
+        self.events = (*self.events, (name, moment, cleaned))
+
+    def add_link(
+        self, context: SpanContext, attributes: types.Attributes = None
+    ) -> None:
+        if self.end_time is not None:
+            logger.warning("link not added: span %s has ended", self.name)
+            return
+        if not context.is_valid and not attributes:
+            return
+        limits = self.factory.limits
+        if len(self.links) >= _max(limits.max_links):
+            self.dropped_links += 1
+            return
+        cleaned = BoundedAttributes(
+            limits.max_link_attributes,
+            attributes,
+            immutable=True,
+            max_value_len=limits.max_attribute_length,
+        )
+        self.links = (*self.links, Link(context, cleaned))
+
+    def update_name(self, name: str) -> None:
+        if self.end_time is None:
+            self.name = name
+
+    def set_status(
+        self, status: Status | StatusCode, description: str | None = None
+    ) -> None:
+        # As in the SDK: UNSET changes nothing, an OK status is final, and a
+        # description goes only with ERROR (Status drops it otherwise).
+        code = status.status_code if isinstance(status, Status) else status
+        if self.end_time is not None or code is StatusCode.UNSET:
+            return
+        if self.status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, Status):
+            self.status = status
+        else:
+            self.status = Status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        described: dict[str, types.AttributeValue] = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(
+                traceback.format_exception(
+                    type(exception), exception, exception.__traceback__
+                )
+            ),
+            "exception.escaped": str(escaped),
+        }
+        if attributes:
+            described.update(attributes)
+        self.add_event("exception", described, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.end_time is not None:
+            logger.warning("span %s ended twice; the second end is ignored", self.name)
+            return
+        self.end_time = time.time_ns() if end_time is None else end_time
+        self.factory.processor.on_end(self)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return (
+            f"RpcSpan(name={self.name!r}, trace_id=0x{self.trace_id:032x}, "
+            f"span_id=0x{self.span_id:016x})"
+        )
+
+
+def _max(limit: int | None) -> float:
+    return float("inf") if limit is None else limit
+
+
+def _clean(key: Any, value: Any, max_length: int | None) -> types.AttributeValue | None:
+    """Return ``value`` as the SDK would store it, or None (logged) if invalid."""
+    checked = BoundedAttributes(
+        1, {key: value}, immutable=True, max_value_len=max_length
+    )
+    return checked.get(key)
