@@ -311,11 +311,10 @@ async def serve_traced(
     gets the status code it aborted with. Written without context managers,
     since it runs on every RPC.
     """
-    carrier = {
-        key: value
-        for key, value in context.invocation_metadata() or ()
-        if key in _TRACE_HEADERS and isinstance(value, str)
-    }
+    carrier: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if key in _TRACE_HEADERS and isinstance(value, str):
+            carrier[key] = value
     parent = None
     if carrier:
         parent = trace.get_current_span(extract(carrier)).get_span_context()
