@@ -262,6 +262,11 @@ class SpanExporter(OTLPSpanExporter):
         self._resource = resource
         self._scope_name = scope_name
 
+    @property
+    def timeout_s(self) -> float:
+        """The time one export may take with its retries, in seconds."""
+        return float(self._timeout)
+
     def _translate_data(self, data: Sequence[Any]) -> ExportTraceServiceRequest:
         # type() rather than isinstance(): RpcSpan derives from an ABC, whose
         # isinstance check costs a Python call per span.

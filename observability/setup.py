@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
@@ -26,6 +27,9 @@ from opentelemetry.util.types import AttributeValue
 
 from observability.rpcspans import RpcSpanFactory
 from observability.settings import TelemetrySettings
+
+if TYPE_CHECKING:
+    from observability.otlp import SpanExporter
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +114,7 @@ class Telemetry:
         self.tracer_provider: TracerProvider | None = None
         self.tracer: trace.Tracer | None = None
         self.rpc_spans: RpcSpanFactory | None = None
+        self._span_exporter: SpanExporter | None = None
         self.meter_provider: MeterProvider | None = None
         self.metrics_port: int | None = None
         self._epoch = _EpochStamper(lambda: 0)
@@ -151,7 +156,30 @@ class Telemetry:
             f"port {self.metrics_port}" if self.metrics_port else "off",
         )
 
+    def _shutdown_tracing(self, provider: TracerProvider) -> None:
+        """Flush the queued spans for at most one export timeout, then stop.
+
+        The batch span processor exports what is queued batch by batch, and
+        each batch retries for up to the export timeout, so a backlog for
+        an unreachable collector held shutdown for the processor's own
+        30 s. Shutting the exporter down ends its retries and fails the
+        batches left.
+        """
+        exporter = self._span_exporter
+        cutoff = None
+        if exporter is not None:
+            cutoff = threading.Timer(exporter.timeout_s, exporter.shutdown)
+            cutoff.daemon = True
+            cutoff.start()
+        try:
+            provider.shutdown()
+        finally:
+            if cutoff is not None:
+                cutoff.cancel()
+            self._span_exporter = None
+
     def _tracer_provider(self) -> TracerProvider:
+        # Imported here: the OTLP exporter's modules slow every start-up.
         from observability.otlp import SpanExporter
 
         provider = TracerProvider(
@@ -164,6 +192,7 @@ class Telemetry:
             endpoint=self.settings.traces_endpoint,
             insecure=self.settings.insecure,
         )
+        self._span_exporter = exporter
         processor = BatchSpanProcessor(exporter)
         provider.add_span_processor(processor)
         self.rpc_spans = RpcSpanFactory(
@@ -206,14 +235,14 @@ class Telemetry:
     def shutdown(self) -> None:
         """Flush and stop exporting; uninstall nothing. Safe to call twice.
 
-        Blocks while the queued spans are exported. With an unreachable
-        collector the exporter retries within its timeout
-        (OTEL_EXPORTER_OTLP_TIMEOUT), which took about 6 s in one test; the
+        Blocks while the queued spans are exported, for at most one export
+        timeout (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s by default) when the
+        collector is unreachable; spans still queued then are dropped. The
         CLI calls this after the coordinator has released its lease.
         """
         global _active
         if self.tracer_provider is not None:
-            self.tracer_provider.shutdown()
+            self._shutdown_tracing(self.tracer_provider)
             self.tracer_provider = None
             self.tracer = None
             self.rpc_spans = None

@@ -9,6 +9,11 @@ the TriggerTaskCheckpoint calls, each task's ``checkpoint.align`` and
 trigger to the end. A coordinator that replayed the event after a restart
 or a failover takes the context from its state, so what it emits for the
 checkpoint joins the same trace.
+
+NOTE: spans wait in the batch span processor's memory for up to
+OTEL_BSP_SCHEDULE_DELAY (5 s by default). A coordinator killed with SIGKILL
+in that time loses them, so the trace of a checkpoint in flight can lack its
+``checkpoint.trigger`` root even though its later spans join it.
 """
 
 from __future__ import annotations
