@@ -3,7 +3,7 @@
 The SDK's OTLP encoder builds a protobuf object per span, attribute and
 value, which costs more than recording the span did. ``RpcSpan``s are
 written here straight to protobuf wire bytes, field by field, as
-opentelemetry/proto/trace/v1/trace.proto numbers them; the bytes are parsed
+opentelemetry/proto/trace/v1/trace.proto numbers them. The bytes are parsed
 once per export batch into the request that the standard exporter sends.
 Other spans take the SDK's encoder unchanged.
 """
@@ -35,8 +35,8 @@ _ONE_BYTE_VARINTS = [bytes([n]) for n in range(0x80)]
 # Span.flags bits: the context's is_remote is known, and it is true.
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
-# Attribute keys and span names repeat, so their encoded forms are kept, up
-# to _CACHE_LIMIT of each; whole attributes up to _REPEATED_CACHE_LIMIT.
+# Attribute keys and span names repeat, so up to _CACHE_LIMIT encoded forms
+# of each are kept, and up to _REPEATED_CACHE_LIMIT whole attributes.
 _CACHE_LIMIT = 1024
 _key_fields: dict[str, bytes] = {}
 _name_fields: dict[tuple[str, SpanKind], bytes] = {}
@@ -70,7 +70,7 @@ def _cached_field(cache: dict[str, bytes], tag: bytes, text: str) -> bytes:
 
 
 def _any_value(value: Any) -> bytes:
-    """Encode an AnyValue; raise ValueError for an int outside int64 or another type."""
+    """Encode an AnyValue. Raise ValueError for an int outside int64 or another type."""
     kind = type(value)
     if kind is str:
         return _field(b"\x0a", value.encode())
@@ -102,7 +102,7 @@ def _key_value(key: str, value: Any) -> bytes:
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, types.AttributeValue]) -> bytes:
-    """Encode each attribute as a repeated KeyValue field ``tag``; skip invalid ones.
+    """Encode each attribute as a KeyValue field ``tag``, skipping invalid ones.
 
     String and integer attributes repeat from span to span (the RPC's
     method, a task's id, a checkpoint's id), so their encoded fields are
@@ -125,7 +125,8 @@ def _attributes(tag: bytes, attributes: Mapping[str, types.AttributeValue]) -> b
             continue
         if cacheable:
             if len(_repeated_attributes) >= _REPEATED_CACHE_LIMIT:
-                # Old checkpoint ids never come back, so start afresh.
+                # Checkpoint ids only grow, so old entries stop being used
+                # and the cache starts afresh.
                 _repeated_attributes.clear()
             _repeated_attributes[cache_key] = encoded
         fields.append(encoded)
@@ -183,16 +184,19 @@ def encode_span(span: RpcSpan) -> bytes:
         b"\x12\x08",
         span.span_id.to_bytes(8, "big"),
     ]
+
     if span.trace_state:
         parts.append(_field(b"\x1a", _trace_state(span.trace_state).encode()))
     if span.parent is not None:
         parts.append(b"\x22\x08")
         parts.append(span.parent.span_id.to_bytes(8, "big"))
+
     parts.append(_name_and_kind(span.name, span.kind))
     parts.append(_TIMES.pack(0x39, span.start_time, 0x41, span.end_time or 0))
     parts.append(_attributes(b"\x4a", span.attributes))
     if span.dropped_attributes:
         parts.append(b"\x50" + _varint(span.dropped_attributes))
+
     for name, timestamp, attributes in span.events:
         parts.append(_field(b"\x5a", _event(name, timestamp, attributes)))
     if span.dropped_events:
@@ -201,7 +205,9 @@ def encode_span(span: RpcSpan) -> bytes:
         parts.append(_field(b"\x6a", _link(link)))
     if span.dropped_links:
         parts.append(b"\x70" + _varint(span.dropped_links))
+
     if span.status.status_code is StatusCode.UNSET:
+        # An UNSET status is an empty Status message, as the SDK writes it.
         parts.append(b"\x7a\x00")
     else:
         parts.append(_field(b"\x7a", _status(span)))
@@ -228,8 +234,6 @@ def _name_and_kind(name: str, kind: SpanKind) -> bytes:
 
 def _status(span: RpcSpan) -> bytes:
     status = span.status
-    if status.status_code is StatusCode.UNSET:
-        return b""
     message = status.description or ""
     text = _field(b"\x12", message.encode()) if message else b""
     return text + b"\x18" + _varint(status.status_code.value)

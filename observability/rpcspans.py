@@ -7,9 +7,9 @@ exporter then builds a protobuf object per span, attribute and value. A
 ``RpcSpan`` keeps its attributes in a plain dict, checks the common types
 inline, and is written to OTLP wire bytes by ``observability.otlp``.
 
-It implements the whole ``opentelemetry.trace.Span`` API (attributes,
-events, links, status, exceptions), honours the sampler that
-OTEL_TRACES_SAMPLER configures and the limits of ``SpanLimits``, and goes to
+It implements the whole ``opentelemetry.trace.Span`` API: attributes,
+events, links, status and exceptions. It honours the sampler that
+OTEL_TRACES_SAMPLER configures and the limits of ``SpanLimits``. It goes to
 the same batch span processor as every other span, so export settings,
 queue limits and shutdown apply to it unchanged.
 """
@@ -51,9 +51,9 @@ _UNSET = Status(StatusCode.UNSET)
 class RpcSpanFactory:
     """Starts ``RpcSpan``s of one tracer provider and ends them into its processor.
 
-    ``sampler_name`` is the OTEL_TRACES_SAMPLER name of ``sampler``; for the
-    default, parentbased_always_on, the decision is made inline (sampled
-    unless the parent is not) instead of through the sampler's calls.
+    ``sampler_name`` is the OTEL_TRACES_SAMPLER name of ``sampler``. For the
+    default, parentbased_always_on, the decision is made inline instead of
+    through the sampler's calls: sampled unless the parent is not.
     """
 
     def __init__(
@@ -88,7 +88,7 @@ class RpcSpanFactory:
         """Start a span below ``parent``, a valid span context, or a root span.
 
         Takes ownership of ``attributes``, whose values must be valid
-        attribute values; this hot path does not check them. Returns a
+        attribute values, because this hot path does not check them. Returns a
         non-recording span that still carries the trace context when the
         sampler drops it.
         """
@@ -133,18 +133,18 @@ class RpcSpanFactory:
     def _apply_limits(self, span: RpcSpan) -> None:
         """Cut the start attributes of ``span`` to the span limits, as
         ``set_attribute`` would have."""
-        given = span.attributes
+        unchecked = span.attributes
         span.attributes = {}
-        for key, value in given.items():
+        for key, value in unchecked.items():
             span.set_attribute(key, value)
 
 
 class RpcSpan(trace.Span):
     """A sampled span with its attributes in a plain dict, exported over OTLP.
 
-    Attribute values of type str, bool, int and float are stored as given
-    (strings cut to the attribute length limit); sequences and invalid values
-    go through the SDK's ``BoundedAttributes`` checks. Not thread-safe: the
+    Attribute values of type str, bool, int and float are stored as given,
+    with strings cut to the attribute length limit. Sequences and invalid
+    values go through the SDK's ``BoundedAttributes`` checks. Not thread-safe: the
     coordinator changes a span only from its event loop.
     """
 
@@ -245,11 +245,8 @@ class RpcSpan(trace.Span):
         if len(self.events) >= _max(limits.max_events):
             self.dropped_events += 1
             return
-        cleaned = BoundedAttributes(
-            limits.max_event_attributes,
-            attributes,
-            immutable=True,
-            max_value_len=limits.max_attribute_length,
+        cleaned = _bounded(
+            limits.max_event_attributes, attributes, limits.max_attribute_length
         )
         moment = time.time_ns() if timestamp is None else timestamp
         self.events = (*self.events, (name, moment, cleaned))
@@ -266,11 +263,8 @@ class RpcSpan(trace.Span):
         if len(self.links) >= _max(limits.max_links):
             self.dropped_links += 1
             return
-        cleaned = BoundedAttributes(
-            limits.max_link_attributes,
-            attributes,
-            immutable=True,
-            max_value_len=limits.max_attribute_length,
+        cleaned = _bounded(
+            limits.max_link_attributes, attributes, limits.max_attribute_length
         )
         self.links = (*self.links, Link(context, cleaned))
 
@@ -332,9 +326,15 @@ def _max(limit: int | None) -> float:
     return float("inf") if limit is None else limit
 
 
+def _bounded(
+    max_count: int | None, attributes: types.Attributes, max_length: int | None
+) -> BoundedAttributes:
+    """Return ``attributes`` checked and limited as the SDK's spans store them."""
+    return BoundedAttributes(
+        max_count, attributes, immutable=True, max_value_len=max_length
+    )
+
+
 def _clean(key: Any, value: Any, max_length: int | None) -> types.AttributeValue | None:
     """Return ``value`` as the SDK would store it, or None (logged) if invalid."""
-    checked = BoundedAttributes(
-        1, {key: value}, immutable=True, max_value_len=max_length
-    )
-    return checked.get(key)
+    return _bounded(1, {key: value}, max_length).get(key)
