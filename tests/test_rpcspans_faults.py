@@ -120,7 +120,7 @@ async def traced_coordinator(
 async def acknowledge(
     coordinator: CoordinatorProcess, job_id: str, metadata: tuple[tuple[str, str], ...]
 ) -> grpc.StatusCode:
-    """Acknowledge a checkpoint of an unknown job; return the call's status."""
+    """Acknowledge a checkpoint of an unknown job and return the call's status."""
     request = fpb.AcknowledgeCheckpointRequest(
         job_id=job_id, checkpoint_id=7, job_vertex_id="src", subtask_index=0
     )
@@ -135,7 +135,7 @@ async def acknowledge(
 
 async def ack_spans_by_job(jaeger: Jaeger, count: int) -> dict[str, dict[str, Any]]:
     """Return the coordinator's AcknowledgeCheckpoint spans by job id, once
-    ``count`` of them are stored; fail after 60 s."""
+    ``count`` of them are stored. Fail after 60 s."""
     deadline = time.monotonic() + 60
     while True:
         found = {
