@@ -79,6 +79,9 @@ class Engine:
         # kept for inspection only.
         self.last_state = self.state
         self.lease: Lease | None = None
+        # The epoch this coordinator leads at, or 0 while it stands by: the
+        # lease's, kept apart because every traced RPC reads it.
+        self.epoch = 0
         self.leader_address = ""
         self._durable_seq = 0
         self._durable = asyncio.Condition()
@@ -96,11 +99,6 @@ class Engine:
     def is_leader(self) -> bool:
         """Whether this coordinator leads and may decide."""
         return self.lease is not None
-
-    @property
-    def epoch(self) -> int:
-        """The epoch this coordinator leads at, or 0 while it stands by."""
-        return self.lease.epoch if self.lease is not None else 0
 
     async def lead(
         self, lease: Lease, state: pb.CoordinatorState | None = None
@@ -124,6 +122,7 @@ class Engine:
         self.running_at_takeover = reconcile.running_at_takeover(self.state)
         self.lost.clear()
         self.lease = lease
+        self.epoch = lease.epoch
         logger.info(
             "coordinator %s leads at epoch %d from seq %d",
             self.coordinator_id,
@@ -142,6 +141,7 @@ class Engine:
             reason,
         )
         self.lease = None
+        self.epoch = 0
         self.last_state = self.state
         self.state = pb.CoordinatorState()
         self.lost.set()

@@ -21,7 +21,7 @@ from coordinator.engine import Engine
 from coordinator.errors import CommandRejected, InvalidArgument, NotLeader
 from coordinator.ids import split_task_id, task_id
 from eventlog import EventLog, now_ms
-from observability import spans, traces_service, tracing_enabled
+from observability import spans, traces_service
 from observability.setup import UNTRACED_METHODS
 from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2 as svc
@@ -38,6 +38,14 @@ Reply = TypeVar("Reply")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Reply]]
 
 
+# Full gRPC service names by servicer class name.
+_service_names = {
+    service.name: service.full_name
+    for descriptor in (fpb.DESCRIPTOR, svc.DESCRIPTOR)
+    for service in descriptor.services_by_name.values()
+}
+
+
 def rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
     """Map the engine's errors of one RPC to gRPC statuses, and trace it.
 
@@ -47,20 +55,23 @@ def rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
     AcknowledgeCheckpoint throughput by about a quarter (see BENCHMARKS.md).
     Workers still use the instrumentation.
     """
-    traced = method.__name__ not in UNTRACED_METHODS
+    name = method.__name__
+    # The service of the servicer class that defines the method, by its
+    # full gRPC name, so that span names match the clients' spans
+    # ("/FlinkDotNet.Proto.TaskManagerRegistration/...").
+    servicer_class = method.__qualname__.partition(".")[0]
+    service = _service_names.get(servicer_class, servicer_class)
+    traced = name not in UNTRACED_METHODS
 
     @functools.wraps(method)
     async def handle(
         self: Any, request: Request, context: grpc.aio.ServicerContext
     ) -> Reply:
-        if not traced or not tracing_enabled():
-            return await answer(self, request, context)
-        service = _service_names.get(type(self).__name__, type(self).__name__)
-        if not traces_service(service):
-            return await answer(self, request, context)
-        return await spans.serve_traced(
-            service, method.__name__, context, lambda: answer(self, request, context)
-        )
+        if traced and traces_service(service):
+            return await spans.serve_traced(
+                service, name, context, answer, self, request
+            )
+        return await answer(self, request, context)
 
     async def answer(
         self: Any, request: Request, context: grpc.aio.ServicerContext
@@ -84,15 +95,6 @@ def rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
         raise AssertionError("context.abort returned")
 
     return handle
-
-
-# Full gRPC service names by servicer class name, for span names that match
-# the clients' spans ("/FlinkDotNet.Proto.TaskManagerRegistration/...").
-_service_names = {
-    service.name: service.full_name
-    for descriptor in (fpb.DESCRIPTOR, svc.DESCRIPTOR)
-    for service in descriptor.services_by_name.values()
-}
 
 
 def _task_of(vertex_id: str, subtask_index: int) -> str:

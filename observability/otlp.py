@@ -3,9 +3,10 @@
 The SDK's OTLP encoder builds a protobuf object per span, attribute and
 value, which costs more than recording the span did. ``RpcSpan``s are
 written here straight to protobuf wire bytes, field by field, as
-opentelemetry/proto/trace/v1/trace.proto numbers them. The bytes are parsed
-once per export batch into the request that the standard exporter sends.
-Other spans take the SDK's encoder unchanged.
+opentelemetry/proto/trace/v1/trace.proto numbers them. Other spans take the
+SDK's encoder unchanged. The export process of ``observability.relay``
+parses the bytes once per batch into the request that the standard
+exporter sends.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceState
+from opentelemetry.trace import Link, SpanContext, TraceState
 from opentelemetry.util import types
 
 from observability.rpcspans import RpcSpan
@@ -39,7 +40,7 @@ _IS_REMOTE = 0x200
 # of each are kept, and up to _REPEATED_CACHE_LIMIT whole attributes.
 _CACHE_LIMIT = 1024
 _key_fields: dict[str, bytes] = {}
-_name_fields: dict[tuple[str, SpanKind], bytes] = {}
+_name_fields: dict[tuple[str, int], bytes] = {}
 _REPEATED_CACHE_LIMIT = 16384
 _repeated_attributes: dict[tuple[bytes, str, type, object], bytes] = {}
 
@@ -139,6 +140,10 @@ def _trace_state(trace_state: TraceState) -> str:
 
 _LOCAL_FLAGS = struct.pack("<I", _HAS_IS_REMOTE)
 _REMOTE_FLAGS = struct.pack("<I", _HAS_IS_REMOTE | _IS_REMOTE)
+# The last field of a span, its flags (fixed32 field 16), by whether its
+# parent is remote.
+_LOCAL_END = b"\x85\x01" + _LOCAL_FLAGS
+_REMOTE_END = b"\x85\x01" + _REMOTE_FLAGS
 
 
 def _flags(context: SpanContext | None) -> bytes:
@@ -191,7 +196,7 @@ def encode_span(span: RpcSpan) -> bytes:
         parts.append(b"\x22\x08")
         parts.append(span.parent.span_id.to_bytes(8, "big"))
 
-    parts.append(_name_and_kind(span.name, span.kind))
+    parts.append(_name_and_kind(span.name, span.kind.value))
     parts.append(_TIMES.pack(0x39, span.start_time, 0x41, span.end_time or 0))
     parts.append(_attributes(b"\x4a", span.attributes))
     if span.dropped_attributes:
@@ -206,65 +211,161 @@ def encode_span(span: RpcSpan) -> bytes:
     if span.dropped_links:
         parts.append(b"\x70" + _varint(span.dropped_links))
 
-    if span.status.status_code is StatusCode.UNSET:
-        # An UNSET status is an empty Status message, as the SDK writes it.
-        parts.append(b"\x7a\x00")
-    else:
-        parts.append(_field(b"\x7a", _status(span)))
-    parts.append(b"\x85\x01")
-    parts.append(_flags(span.parent))
+    status = span.status
+    parts.append(_status(status.status_code.value, status.description or ""))
+    parts.append(_REMOTE_END if span.parent and span.parent.is_remote else _LOCAL_END)
     return b"".join(parts)
+
+
+# A span as the coordinator hands it to the export process: trace id, span
+# id, parent span id (0 for none), whether the parent is remote, name, kind
+# (SpanKind's value), start and end in ns since the epoch, attributes,
+# status code (StatusCode's value) and status message. A tuple of plain
+# values, which marshal writes quickly and the garbage collector stops
+# tracking. A span with events, links, a trace state or dropped counts is
+# encoded in full instead.
+SpanRecord = (
+    tuple[int, int, int, bool, str, int, int, int, dict[str, Any], int, str] | bytes
+)
+
+
+def span_record(span: RpcSpan) -> SpanRecord:
+    """Return the record of an ended ``span``; see ``SpanRecord``."""
+    if not span.plain:
+        return encode_span(span)
+    parent = span.parent
+    status = span.status
+    return (
+        span.trace_id,
+        span.span_id,
+        0 if parent is None else parent.span_id,
+        parent is not None and parent.is_remote,
+        span.name,
+        span.kind.value,
+        span.start_time,
+        span.end_time or 0,
+        span.attributes,
+        status.status_code.value,
+        status.description or "",
+    )
+
+
+def encode_record(record: SpanRecord) -> bytes:
+    """Return a ``span_record`` as the bytes of a Span, as ``encode_span`` would."""
+    if isinstance(record, bytes):
+        return record
+    (
+        trace_id,
+        span_id,
+        parent_id,
+        remote,
+        name,
+        kind,
+        start,
+        end,
+        attributes,
+        code,
+        message,
+    ) = record
+    return b"".join(
+        (
+            b"\x0a\x10",
+            trace_id.to_bytes(16, "big"),
+            b"\x12\x08",
+            span_id.to_bytes(8, "big"),
+            b"\x22\x08" + parent_id.to_bytes(8, "big") if parent_id else b"",
+            _name_and_kind(name, kind),
+            _TIMES.pack(0x39, start, 0x41, end),
+            _attributes(b"\x4a", attributes),
+            _status(code, message),
+            _REMOTE_END if remote else _LOCAL_END,
+        )
+    )
 
 
 # The start and end times: a fixed64 field 7 and a fixed64 field 8.
 _TIMES = struct.Struct("<BQBQ")
 
 
-def _name_and_kind(name: str, kind: SpanKind) -> bytes:
-    """Return the name field and the kind field of a span."""
+def _name_and_kind(name: str, kind: int) -> bytes:
+    """Return the name field and the kind field (SpanKind's value) of a span."""
     encoded = _name_fields.get((name, kind))
     if encoded is None:
         # SpanKind counts from INTERNAL = 0, the protobuf enum from
         # SPAN_KIND_UNSPECIFIED = 0.
-        encoded = _field(b"\x2a", name.encode()) + b"\x30" + _varint(kind.value + 1)
+        encoded = _field(b"\x2a", name.encode()) + b"\x30" + _varint(kind + 1)
         if len(_name_fields) < _CACHE_LIMIT:
             _name_fields[(name, kind)] = encoded
     return encoded
 
 
-def _status(span: RpcSpan) -> bytes:
-    status = span.status
-    message = status.description or ""
+def _status(code: int, message: str) -> bytes:
+    """Return the status field of a span, of StatusCode's value ``code``."""
+    if not code:
+        # An UNSET status is an empty Status message, as the SDK writes it.
+        return b"\x7a\x00"
     text = _field(b"\x12", message.encode()) if message else b""
-    return text + b"\x18" + _varint(status.status_code.value)
+    return _field(b"\x7a", text + b"\x18" + _varint(code))
+
+
+# The fields of a ResourceSpans around its spans: the resource, the
+# instrumentation scope (inside the ScopeSpans) and the schema URL.
+ScopeFields = tuple[bytes, bytes, bytes]
+
+
+def scope_fields(resource: Resource, scope_name: str) -> ScopeFields:
+    """Return the ``ScopeFields`` of spans of ``resource`` under ``scope_name``."""
+    schema = resource.schema_url
+    return (
+        _field(b"\x0a", _attributes(b"\x0a", resource.attributes)),
+        _field(b"\x0a", _field(b"\x0a", scope_name.encode())),
+        _field(b"\x1a", schema.encode()) if schema else b"",
+    )
+
+
+def _resource_spans(scope: ScopeFields, encoded: Iterable[bytes]) -> bytes:
+    resource_field, scope_field, schema_field = scope
+    spans = b"".join([_field(b"\x12", span) for span in encoded])
+    return resource_field + _field(b"\x12", scope_field + spans) + schema_field
 
 
 def encode_resource_spans(
     resource: Resource, scope_name: str, spans: Iterable[RpcSpan]
 ) -> bytes:
     """Return the bytes of a ResourceSpans holding ``spans`` under one scope."""
-    scope = _field(b"\x0a", _field(b"\x0a", scope_name.encode()))
-    encoded = b"".join(_field(b"\x12", encode_span(span)) for span in spans)
-    body = [
-        _field(b"\x0a", _attributes(b"\x0a", resource.attributes)),
-        _field(b"\x12", scope + encoded),
-    ]
-    if resource.schema_url:
-        body.append(_field(b"\x1a", resource.schema_url.encode()))
-    return b"".join(body)
+    encoded = (encode_span(span) for span in spans)
+    return _resource_spans(scope_fields(resource, scope_name), encoded)
+
+
+def encode_request(scope: ScopeFields, records: Sequence[SpanRecord]) -> bytes:
+    """Return the bytes of an ExportTraceServiceRequest of ``records``, or b""."""
+    if not records:
+        return b""
+    resource_spans = _resource_spans(scope, map(encode_record, records))
+    # Field 1 of the request: one ResourceSpans.
+    return _field(b"\x0a", resource_spans)
+
+
+class EncodedSpans:
+    """Spans already encoded as the bytes of an ExportTraceServiceRequest."""
+
+    __slots__ = ("count", "payload")
+
+    def __init__(self, payload: bytes, count: int) -> None:
+        self.payload = payload
+        self.count = count
+
+
+__all__ = ["encode_spans"]
 
 
 class SpanExporter(OTLPSpanExporter):
-    """The OTLP/gRPC span exporter, with ``RpcSpan``s encoded by this module.
+    """The OTLP/gRPC span exporter, for spans encoded already.
 
-    ``resource`` and ``scope_name`` are those of the tracer that the
-    ``RpcSpan``s stand in for.
+    Requests that follow each other concatenate into one request, so a
+    batch of ``EncodedSpans`` is parsed once into the request that the
+    standard exporter sends, with its retries, headers and TLS settings.
     """
-
-    def __init__(self, resource: Resource, scope_name: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._resource = resource
-        self._scope_name = scope_name
 
     @property
     def timeout_s(self) -> float:
@@ -272,13 +373,9 @@ class SpanExporter(OTLPSpanExporter):
         return float(self._timeout)
 
     def _translate_data(self, data: Sequence[Any]) -> ExportTraceServiceRequest:
-        # type() rather than isinstance(): RpcSpan derives from an ABC, whose
-        # isinstance check costs a Python call per span.
-        rpc_spans: list[RpcSpan] = [s for s in data if type(s) is RpcSpan]
-        if not rpc_spans:
-            return encode_spans(data)
-        other = [s for s in data if type(s) is not RpcSpan]
-        request = encode_spans(other)
-        encoded = encode_resource_spans(self._resource, self._scope_name, rpc_spans)
-        request.resource_spans.add().MergeFromString(encoded)
-        return request
+        return ExportTraceServiceRequest.FromString(
+            b"".join(item.payload for item in data)
+        )
+
+    def _count_data(self, data: Sequence[Any]) -> int:
+        return sum(item.count for item in data)

@@ -17,10 +17,10 @@ queue limits and shutdown apply to it unchanged.
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 from collections.abc import Callable, Mapping
 from random import getrandbits
+from time import time_ns
 from typing import Any
 
 from opentelemetry import trace
@@ -55,6 +55,20 @@ class RpcSpanFactory:
     default, parentbased_always_on, the decision is made inline instead of
     through the sampler's calls: sampled unless the parent is not.
     """
+
+    # Slots: every RPC reads several of these.
+    __slots__ = (
+        "epoch",
+        "epoch_attribute",
+        "id_generator",
+        "limits",
+        "max_attributes",
+        "max_length",
+        "parent_or_always_on",
+        "processor",
+        "random_ids",
+        "sampler",
+    )
 
     def __init__(
         self,
@@ -170,6 +184,9 @@ class RpcSpan(trace.Span):
     dropped_links = 0
     status = _UNSET
     _span_context: SpanContext | None = None
+    # False once the span has anything beyond its ids, times, attributes
+    # and status: events, links, a trace state or dropped counts.
+    plain = True
 
     def __init__(
         self,
@@ -189,9 +206,11 @@ class RpcSpan(trace.Span):
         self.span_id = span_id
         self.parent = parent
         self.trace_state = trace_state
+        if trace_state:
+            self.plain = False
         self.attributes = attributes
         self.end_time: int | None = None
-        self.start_time = time.time_ns()
+        self.start_time = time_ns()
 
     # The batch span processor reads ``span.context`` of the spans it queues.
     @property
@@ -207,6 +226,7 @@ class RpcSpan(trace.Span):
 
     def is_recording(self) -> bool:
         return self.end_time is None
+
 
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
         if self.end_time is not None:
@@ -225,6 +245,7 @@ class RpcSpan(trace.Span):
         attributes = self.attributes
         if key not in attributes and len(attributes) >= factory.max_attributes:
             self.dropped_attributes += 1
+            self.plain = False
             return
         attributes[key] = value
 
@@ -244,12 +265,14 @@ class RpcSpan(trace.Span):
         limits = self.factory.limits
         if len(self.events) >= _max(limits.max_events):
             self.dropped_events += 1
+            self.plain = False
             return
         cleaned = _bounded(
             limits.max_event_attributes, attributes, limits.max_attribute_length
         )
-        moment = time.time_ns() if timestamp is None else timestamp
+        moment = time_ns() if timestamp is None else timestamp
         self.events = (*self.events, (name, moment, cleaned))
+        self.plain = False
 
     def add_link(
         self, context: SpanContext, attributes: types.Attributes = None
@@ -262,11 +285,13 @@ class RpcSpan(trace.Span):
         limits = self.factory.limits
         if len(self.links) >= _max(limits.max_links):
             self.dropped_links += 1
+            self.plain = False
             return
         cleaned = _bounded(
             limits.max_link_attributes, attributes, limits.max_attribute_length
         )
         self.links = (*self.links, Link(context, cleaned))
+        self.plain = False
 
     def update_name(self, name: str) -> None:
         if self.end_time is None:
@@ -312,7 +337,7 @@ class RpcSpan(trace.Span):
         if self.end_time is not None:
             logger.warning("span %s ended twice; the second end is ignored", self.name)
             return
-        self.end_time = time.time_ns() if end_time is None else end_time
+        self.end_time = time_ns() if end_time is None else end_time
         self.factory.processor.on_end(self)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:

@@ -43,6 +43,11 @@ class TelemetrySettings:
     # Full gRPC service names left out of tracing, from the gRPC
     # instrumentation's OTEL_PYTHON_GRPC_EXCLUDED_SERVICES (comma-separated).
     excluded_services: frozenset[str] = frozenset()
+    # The batching of spans, from the batch span processor's OTEL_BSP_*
+    # variables, with its defaults.
+    schedule_delay_ms: int = 5000
+    max_queue_size: int = 2048
+    max_export_batch_size: int = 512
 
     @property
     def tracing(self) -> bool:
@@ -62,6 +67,15 @@ class TelemetrySettings:
         disabled = _flag(environ, "OTEL_SDK_DISABLED", default=False)
         service_name = environ.get("OTEL_SERVICE_NAME", "").strip()
         sampler_name, sampler_arg = _sampler(environ)
+        max_queue_size = _positive(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+        max_export_batch_size = _positive(
+            environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512
+        )
+        if max_export_batch_size > max_queue_size:
+            raise ValueError(
+                f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE={max_export_batch_size} is more "
+                f"than OTEL_BSP_MAX_QUEUE_SIZE={max_queue_size}; lower it"
+            )
         return cls(
             service_name=service_name or default_service_name,
             traces_endpoint=None if disabled else _endpoint(environ, "TRACES"),
@@ -76,6 +90,9 @@ class TelemetrySettings:
                 )
                 if name.strip()
             ),
+            schedule_delay_ms=_positive(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000),
+            max_queue_size=max_queue_size,
+            max_export_batch_size=max_export_batch_size,
         )
 
 
@@ -101,6 +118,21 @@ def _endpoint(environ: Mapping[str, str], signal: str) -> str | None:
         )
     endpoint = environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "").strip()
     return endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or None
+
+
+def _positive(environ: Mapping[str, str], name: str, default: int) -> int:
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(
+            f"{name}={text!r} is not a positive whole number; fix or unset it"
+        )
+    return value
 
 
 def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:

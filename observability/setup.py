@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +21,13 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.util.types import AttributeValue
 
 from observability.rpcspans import RpcSpanFactory
 from observability.settings import TelemetrySettings
 
 if TYPE_CHECKING:
-    from observability.otlp import SpanExporter
+    from observability.relay import SpanRelay
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +112,7 @@ class Telemetry:
         self.tracer_provider: TracerProvider | None = None
         self.tracer: trace.Tracer | None = None
         self.rpc_spans: RpcSpanFactory | None = None
-        self._span_exporter: SpanExporter | None = None
+        self.span_relay: SpanRelay | None = None
         self.meter_provider: MeterProvider | None = None
         self.metrics_port: int | None = None
         self._epoch = _EpochStamper(lambda: 0)
@@ -156,50 +154,41 @@ class Telemetry:
             f"port {self.metrics_port}" if self.metrics_port else "off",
         )
 
-    def _shutdown_tracing(self, provider: TracerProvider) -> None:
-        """Flush the queued spans for at most one export timeout, then stop.
-
-        The batch span processor exports what is queued batch by batch, and
-        each batch retries for up to the export timeout, so a backlog for
-        an unreachable collector held shutdown for the processor's own
-        30 s. Shutting the exporter down ends its retries and fails the
-        batches left.
-        """
-        exporter = self._span_exporter
-        cutoff = None
-        if exporter is not None:
-            cutoff = threading.Timer(exporter.timeout_s, exporter.shutdown)
-            cutoff.daemon = True
-            cutoff.start()
-        try:
-            provider.shutdown()
-        finally:
-            if cutoff is not None:
-                cutoff.cancel()
-            self._span_exporter = None
-
     def _tracer_provider(self) -> TracerProvider:
         # Imported here: the OTLP exporter's modules slow every start-up.
         from observability.otlp import SpanExporter
+        from observability.relay import ExportSettings, SpanRelay
 
-        provider = TracerProvider(
-            resource=self.resource, sampler=self.settings.sampler()
-        )
+        settings = self.settings
+        assert settings.traces_endpoint is not None
+        provider = TracerProvider(resource=self.resource, sampler=settings.sampler())
         provider.add_span_processor(self._epoch)
-        exporter = SpanExporter(
+        # The export process makes its own exporter; this one checks the
+        # OTEL_EXPORTER_OTLP_* settings here, where a bad one stops the
+        # start, and tells the export timeout.
+        probe = SpanExporter(
+            endpoint=settings.traces_endpoint, insecure=settings.insecure
+        )
+        probe.shutdown()
+        relay = SpanRelay(
             self.resource,
             TRACER_NAME,
-            endpoint=self.settings.traces_endpoint,
-            insecure=self.settings.insecure,
+            ExportSettings(
+                endpoint=settings.traces_endpoint,
+                insecure=settings.insecure,
+                schedule_delay_s=settings.schedule_delay_ms / 1000,
+                max_queue_size=settings.max_queue_size,
+                max_export_batch_size=settings.max_export_batch_size,
+                export_timeout_s=probe.timeout_s,
+            ),
         )
-        self._span_exporter = exporter
-        processor = BatchSpanProcessor(exporter)
-        provider.add_span_processor(processor)
+        self.span_relay = relay
+        provider.add_span_processor(relay)
         self.rpc_spans = RpcSpanFactory(
             provider.sampler,
-            self.settings.sampler_name,
+            settings.sampler_name,
             provider.id_generator,
-            processor,
+            relay,
             EPOCH_ATTRIBUTE,
             self._epoch.epoch,
         )
@@ -242,8 +231,9 @@ class Telemetry:
         """
         global _active
         if self.tracer_provider is not None:
-            self._shutdown_tracing(self.tracer_provider)
+            self.tracer_provider.shutdown()
             self.tracer_provider = None
+            self.span_relay = None
             self.tracer = None
             self.rpc_spans = None
         if self.meter_provider is not None:

@@ -28,7 +28,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from observability import instruments
@@ -38,6 +38,7 @@ from observability.propagation import (
     has_span,
     inject,
 )
+from observability.rpcspans import RpcSpan
 from observability.setup import (
     start_rpc_span,
     tracer,
@@ -233,9 +234,19 @@ def annotate_rpc(**attributes: str | int) -> None:
     span = _rpc_span.get()
     if span is None:
         return
+    stored = span.attributes
+    factory = span.factory
+    if (
+        factory.max_length is None
+        and len(stored) + len(attributes) <= factory.max_attributes
+        and span.end_time is None
+    ):
+        # The common case, inline: values of these types need no checks.
+        for key, value in attributes.items():
+            stored[_ATTRIBUTE_NAMES.get(key) or f"jobledger.{key}"] = value
+        return
     for key, value in attributes.items():
-        name = _ATTRIBUTE_NAMES.get(key)
-        span.set_attribute(name or f"jobledger.{key}", value)
+        span.set_attribute(_ATTRIBUTE_NAMES.get(key) or f"jobledger.{key}", value)
 
 
 _ATTRIBUTE_NAMES = {"job": JOB, "checkpoint": CHECKPOINT, "task": TASK}
@@ -299,42 +310,50 @@ def use(span: Span | None) -> contextlib.AbstractContextManager[object]:
     return trace.use_span(span, end_on_exit=False)
 
 
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
-_rpc_span: ContextVar[Span | None] = ContextVar("jobledger_rpc_span", default=None)
+_rpc_span: ContextVar[RpcSpan | None] = ContextVar("jobledger_rpc_span", default=None)
+
+Servicer = TypeVar("Servicer")
+Request = TypeVar("Request")
 
 
 async def serve_traced(
     service: str,
     method: str,
     context: grpc.aio.ServicerContext,
-    serve: Callable[[], Awaitable[T]],
+    answer: Callable[[Servicer, Request, grpc.aio.ServicerContext], Awaitable[T]],
+    servicer: Servicer,
+    request: Request,
 ) -> T:
-    """Await ``serve()`` inside a SERVER span of the RPC, below the caller's span.
+    """Await ``answer(servicer, request, context)`` inside a SERVER span of the RPC.
 
-    The caller's context comes from the W3C ``traceparent`` metadata entry
-    that the gRPC instrumentation of the client sends. An RPC that aborts
-    gets the status code it aborted with. Written without context managers,
-    since it runs on every RPC.
+    The span is a child of the caller's span when the call carries a W3C
+    ``traceparent`` metadata entry, as the gRPC instrumentation of a client
+    sends it, and the root of a trace otherwise. An RPC that aborts gets the
+    status code it aborted with. Written without context managers or
+    closures, since it runs on every RPC.
     """
-    carrier: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
-        if key in _TRACE_HEADERS and isinstance(value, str):
-            carrier[key] = value
     parent = None
-    if carrier:
-        parent = trace.get_current_span(extract(carrier)).get_span_context()
+    for key, _ in context.invocation_metadata() or ():
+        if key == "traceparent":
+            parent = _caller(context)
+            break
     span = start_rpc_span(
         f"/{service}/{method}",
         SpanKind.SERVER,
-        parent if parent is not None and parent.is_valid else None,
+        parent,
         {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
     )
-    token = otel_context.attach(trace.set_span_in_context(span))
+    # The span stays current after the call, not reset: gRPC serves each
+    # call in an asyncio task of its own, which ends with it, and each reset
+    # costs the hot path. The task starts with an empty context, so the
+    # span's context holds the span alone, as set_span_in_context would make
+    # it from the empty one.
+    otel_context.attach(Context({_SPAN_KEY: span}))
     # annotate_rpc finds the span here, cheaper than in the OpenTelemetry
     # context, and only while it records.
-    rpc_token = _rpc_span.set(span if span.is_recording() else None)
+    _rpc_span.set(span if type(span) is RpcSpan else None)
     try:
-        return await serve()
+        return await answer(servicer, request, context)
     except BaseException as exc:
         code = context.code()
         name = code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__
@@ -342,9 +361,25 @@ async def serve_traced(
         span.set_status(Status(StatusCode.ERROR, f"{name}: {context.details()}"))
         raise
     finally:
-        _rpc_span.reset(rpc_token)
-        otel_context.detach(token)
         span.end()
+
+
+# The key of the current span in an OpenTelemetry context, read once from
+# what set_span_in_context makes, so that serve_traced can build its context
+# in one step.
+(_SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, Context())
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
+def _caller(context: grpc.aio.ServicerContext) -> SpanContext | None:
+    """Return the valid span context that the call's trace headers name, if any."""
+    carrier = {
+        key: value
+        for key, value in context.invocation_metadata() or ()
+        if key in _TRACE_HEADERS and isinstance(value, str)
+    }
+    caller = trace.get_current_span(extract(carrier)).get_span_context()
+    return caller if caller.is_valid else None
 
 
 Metadata = tuple[tuple[str, str], ...]

@@ -124,6 +124,9 @@ def test_settings_sampler_ratio() -> None:
         ("OTEL_TRACES_SAMPLER_ARG", "2"),
         ("OTEL_TRACES_SAMPLER_ARG", "half"),
         ("OTEL_SDK_DISABLED", "maybe"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "lots"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-5"),
     ],
 )
 def test_settings_reject_invalid(variable: str, value: str) -> None:
@@ -132,6 +135,21 @@ def test_settings_reject_invalid(variable: str, value: str) -> None:
     assert repr(value.lower() if variable != "OTEL_TRACES_SAMPLER_ARG" else value) in (
         str(caught.value)
     )
+
+
+def test_settings_batching_from_bsp_variables() -> None:
+    result = settings(
+        OTEL_BSP_SCHEDULE_DELAY="250",
+        OTEL_BSP_MAX_QUEUE_SIZE="100",
+        OTEL_BSP_MAX_EXPORT_BATCH_SIZE="10",
+    )
+    assert (result.schedule_delay_ms, result.max_queue_size) == (250, 100)
+    assert result.max_export_batch_size == 10
+
+
+def test_settings_reject_batch_larger_than_queue() -> None:
+    with pytest.raises(ValueError, match="OTEL_BSP_MAX_EXPORT_BATCH_SIZE=600 is more"):
+        settings(OTEL_BSP_MAX_QUEUE_SIZE="100", OTEL_BSP_MAX_EXPORT_BATCH_SIZE="600")
 
 
 def test_telemetry_off_installs_nothing() -> None:

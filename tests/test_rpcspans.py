@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import marshal
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -15,7 +15,6 @@ import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2,
-    trace_service_pb2_grpc,
 )
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -43,10 +42,20 @@ from opentelemetry.trace import (
 from opentelemetry.util.types import AttributeValue
 
 from observability import setup
-from observability.otlp import SpanExporter, encode_resource_spans
+from observability.otlp import (
+    EncodedSpans,
+    SpanExporter,
+    encode_record,
+    encode_request,
+    encode_resource_spans,
+    encode_span,
+    scope_fields,
+    span_record,
+)
 from observability.rpcspans import RpcSpan, RpcSpanFactory
 from observability.settings import TelemetrySettings
 from observability.spans import annotate_rpc, call_traced, serve_traced
+from tests.helpers.otlp_collector import TraceCollector, running_collector
 
 EPOCH = "jobledger.leader.epoch"
 SCOPE = "jobledger"
@@ -318,16 +327,74 @@ def test_encoding_link_trace_state() -> None:
     assert link.flags == 0x300
 
 
-# SpanExporter._translate_data: RpcSpans and SDK spans in one request.
+# Span records: what the coordinator hands to its export process, encoded
+# there as encode_span would have encoded the span.
+
+
+def ended(span: RpcSpan) -> RpcSpan:
+    span.end(END_NS)
+    return span
+
+
+def record_cases() -> list[RpcSpan]:
+    failed = rpc_span()
+    failed.set_status(Status(StatusCode.ERROR, "checkpoint 5 expired"))
+    ok = rpc_span(SpanContext(TRACE_ID, PARENT_ID, False, SAMPLED))
+    ok.set_status(StatusCode.OK)
+    annotated = rpc_span()
+    annotated.set_attributes(SCALARS)
+    annotated.set_attribute("sequence", ("a", "b"))
+    return [ended(span) for span in (rpc_span(), failed, ok, annotated)]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_record_encodes_as_the_span(index: int) -> None:
+    span = record_cases()[index]
+    record = span_record(span)
+    assert isinstance(record, tuple)
+    assert encode_record(record) == encode_span(span)
+
+
+def test_record_survives_marshal() -> None:
+    records = [span_record(span) for span in record_cases()]
+    assert marshal.loads(marshal.dumps(records)) == records
+
+
+def test_record_remote_parent_flags() -> None:
+    span = rpc_span(SpanContext(TRACE_ID, PARENT_ID, True, SAMPLED))
+    encoded = trace_pb2.Span.FromString(encode_record(span_record(ended(span))))
+    assert encoded.parent_span_id == PARENT_ID.to_bytes(8, "big")
+    assert encoded.flags == 0x300
+
+
+def test_record_of_full_span_is_its_encoding() -> None:
+    # Events, links, a trace state and dropped counts are encoded at once.
+    span = full_rpc_span()
+    assert span_record(span) == encode_span(span)
+    assert encode_record(span_record(span)) == encode_span(span)
+
+
+def test_request_of_records_matches_resource_spans() -> None:
+    spans = record_cases()
+    request = trace_service_pb2.ExportTraceServiceRequest.FromString(
+        encode_request(scope_fields(RESOURCE, SCOPE), [span_record(s) for s in spans])
+    )
+    expected = trace_pb2.ResourceSpans.FromString(
+        encode_resource_spans(RESOURCE, SCOPE, spans)
+    )
+    assert list(request.resource_spans) == [expected]
+    assert request.resource_spans[0].resource == theirs(sdk_spans(1)[0]).resource
+
+
+def test_request_of_no_records_is_empty() -> None:
+    assert encode_request(scope_fields(RESOURCE, SCOPE), []) == b""
 
 
 @pytest.fixture
 def exporter() -> Iterator[SpanExporter]:
     # Nothing is sent: only the request is built, so the endpoint is never
     # connected to.
-    exporter = SpanExporter(
-        RESOURCE, SCOPE, endpoint="http://127.0.0.1:9", insecure=True
-    )
+    exporter = SpanExporter(endpoint="http://127.0.0.1:9", insecure=True)
     yield exporter
     exporter.shutdown()
 
@@ -353,34 +420,26 @@ def span_ids(request: trace_service_pb2.ExportTraceServiceRequest) -> list[int]:
     ]
 
 
-def test_translate_mixed_spans_each_once(exporter: SpanExporter) -> None:
-    sdk = sdk_spans(3)
-    rpc = [rpc_span(), rpc_span(REMOTE_PARENT)]
-    for span in rpc:
-        span.end()
-    mixed: list[Any] = [sdk[0], rpc[0], sdk[1], rpc[1], sdk[2]]
-    request = exporter._translate_data(mixed)
-    expected = [s.get_span_context().span_id for s in mixed]
-    counts = collections.Counter(span_ids(request))
-    assert sorted(counts) == sorted(expected)
-    assert set(counts.values()) == {1}
-
-
-def test_translate_mixed_keeps_scopes(exporter: SpanExporter) -> None:
-    rpc = rpc_span()
-    rpc.end()
-    request = exporter._translate_data([*sdk_spans(1), rpc])
-    scopes = {
-        scope_spans.scope.name: len(scope_spans.spans)
+def test_exporter_joins_encoded_batches(exporter: SpanExporter) -> None:
+    rpc = record_cases()
+    sdk = sdk_spans(2)
+    first = encode_request(scope_fields(RESOURCE, SCOPE), [span_record(rpc[0])])
+    second = encode_request(
+        scope_fields(RESOURCE, SCOPE), [span_record(s) for s in rpc[1:]]
+    )
+    third = encode_spans(sdk).SerializeToString()
+    batch = [EncodedSpans(first, 1), EncodedSpans(second, 3), EncodedSpans(third, 2)]
+    request = exporter._translate_data(batch)
+    expected = [s.get_span_context().span_id for s in (*rpc, *sdk)]
+    assert sorted(span_ids(request)) == sorted(expected)
+    scopes = collections.Counter(
+        scope_spans.scope.name
         for resource_spans in request.resource_spans
         for scope_spans in resource_spans.scope_spans
-    }
-    assert scopes == {"jobledger.test": 1, SCOPE: 1}
-
-
-def test_translate_sdk_spans_unchanged(exporter: SpanExporter) -> None:
-    sdk = sdk_spans(2)
-    assert exporter._translate_data(sdk) == encode_spans(sdk)
+        for _ in scope_spans.spans
+    )
+    assert scopes == {SCOPE: 4, "jobledger.test": 2}
+    assert exporter._count_data(batch) == 6
 
 
 # RpcSpan semantics.
@@ -656,43 +715,10 @@ SERVICE = "jobledger.test.Echo"
 METHOD = "Echo"
 
 
-class TraceCollector(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP trace receiver that keeps every request it was sent."""
-
-    def __init__(self) -> None:
-        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-        self.port = 0
-
-    def Export(
-        self,
-        request: trace_service_pb2.ExportTraceServiceRequest,
-        context: grpc.ServicerContext,
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        self.requests.append(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def spans(self) -> list[trace_pb2.Span]:
-        return [
-            span
-            for request in self.requests
-            for resource_spans in request.resource_spans
-            for scope_spans in resource_spans.scope_spans
-            for span in scope_spans.spans
-        ]
-
-
 @pytest.fixture
 def collector() -> Iterator[TraceCollector]:
-    # A thread-pool server, so that the exporter's blocking calls from
-    # Telemetry.shutdown() are served while the test's event loop waits.
-    servicer = TraceCollector()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    servicer.port = port
-    yield servicer
-    server.stop(None)
+    with running_collector() as servicer:
+        yield servicer
 
 
 @pytest.fixture
@@ -727,16 +753,18 @@ class EchoServer:
             {key: str(value) for key, value in context.invocation_metadata() or ()}
         )
 
-        async def serve() -> bytes:
-            annotate_rpc(job="job-1", checkpoint=5, phase="echo")
-            if request == b"abort":
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not now")
-            return request
-
         try:
-            return await serve_traced(SERVICE, METHOD, context, serve)
+            return await serve_traced(
+                SERVICE, METHOD, context, EchoServer.answer, self, request
+            )
         finally:
             self.handled += 1
+
+    async def answer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        annotate_rpc(job="job-1", checkpoint=5, phase="echo")
+        if request == b"abort":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not now")
+        return request
 
     async def wait_handled(self, count: int) -> None:
         """Wait until ``count`` calls have left serve_traced, so their spans ended.
