@@ -18,8 +18,9 @@ and every worker it calls is a small gRPC server in this process.
   snapshot of the replayed state was saved.
 - Tracing: AcknowledgeCheckpoint as above against coordinators with
   tracing off, on (every span exported over OTLP to a real Jaeger,
-  ``tools/bin/jaeger``), and on with the acknowledgements' service left
-  out of tracing. ``--tracing-only`` runs this case alone.
+  ``tools/bin/jaeger``), on with each acknowledgement carrying a W3C
+  traceparent as a traced worker's does, and on with the acknowledgements'
+  service left out of tracing. ``--tracing-only`` runs this case alone.
 
 Each figure is the median of a few repetitions. The last line of the output
 is one JSON object with every figure.
@@ -40,6 +41,7 @@ import multiprocessing.synchronize
 import os
 import platform
 import queue as queue_module
+import random
 import re
 import signal
 import socket
@@ -362,6 +364,9 @@ class ClientSpec:
     heartbeat_s: float = 0.0
     task_managers: tuple[str, ...] = ()
     acks: tuple[AckItem, ...] = ()
+    # Send each acknowledgement with a W3C traceparent of its own, as a
+    # traced worker sends it from its snapshot span.
+    trace_context: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,7 +412,8 @@ async def _client(
         if spec.acks:
             items = iter(spec.acks)
             senders = [
-                _send_acks(stub, items, counts) for _ in range(spec.calls_in_flight)
+                _send_acks(stub, items, counts, spec.trace_context)
+                for _ in range(spec.calls_in_flight)
             ]
         else:
             deadline = started + spec.heartbeat_s
@@ -467,10 +473,17 @@ async def _send_heartbeats(
             counts.rejected += 1
 
 
-async def _send_acks(stub: Any, items: Iterator[AckItem], counts: _Counts) -> None:
+async def _send_acks(
+    stub: Any, items: Iterator[AckItem], counts: _Counts, trace_context: bool
+) -> None:
     # The senders share one iterator, so acknowledgements go out in the
     # order of the items: checkpoint by checkpoint, oldest first.
+    metadata: tuple[tuple[str, str], ...] = ()
     for item in items:
+        if trace_context:
+            trace_id = random.getrandbits(128) or 1
+            span_id = random.getrandbits(64) or 1
+            metadata = (("traceparent", f"00-{trace_id:032x}-{span_id:016x}-01"),)
         tid = f"{item.job_vertex_id}_{item.subtask_index}"
         request = fpb.AcknowledgeCheckpointRequest(
             job_id=item.job_id,
@@ -485,7 +498,7 @@ async def _send_acks(stub: Any, items: Iterator[AckItem], counts: _Counts) -> No
         )
         try:
             reply: fpb.AcknowledgeCheckpointResponse = await stub.AcknowledgeCheckpoint(
-                request
+                request, metadata=metadata
             )
         except grpc.aio.AioRpcError as exc:
             counts.fail(exc)
@@ -754,7 +767,10 @@ async def wait_completed(target: Target, checkpoint_id: int) -> None:
 
 
 async def measure_acks(
-    context: multiprocessing.context.SpawnContext, target: Target, settings: Settings
+    context: multiprocessing.context.SpawnContext,
+    target: Target,
+    settings: Settings,
+    trace_context: bool = False,
 ) -> Run:
     """Trigger checkpoints, then acknowledge each for every task of the job.
 
@@ -782,6 +798,7 @@ async def measure_acks(
                 address=target.coordinator.address,
                 calls_in_flight=CALLS_IN_FLIGHT,
                 acks=acks,
+                trace_context=trace_context,
             )
         )
     run = await run_clients(context, specs, target.coordinator.pid)
@@ -818,9 +835,17 @@ def tracing_environ(jaeger: Jaeger) -> dict[str, str]:
     }
 
 
-# The tracing cases: tracing off, on, and on with the acknowledgements'
-# service left out, as OTEL_PYTHON_GRPC_EXCLUDED_SERVICES allows.
-TRACING_CASES = ("off", "on", "on, TaskManagerRegistration untraced")
+# The tracing cases: tracing off; on; on, with each acknowledgement carrying
+# a traceparent as a traced worker's does (same coordinator as "on"); and on
+# with the acknowledgements' service left out, as
+# OTEL_PYTHON_GRPC_EXCLUDED_SERVICES allows. With the keys of their figures.
+TRACING_CASES = {
+    "off": "off",
+    "on": "on",
+    "on, acknowledgements with a traceparent": "on_traceparent",
+    "on, TaskManagerRegistration untraced": "on_acks_untraced",
+}
+_WITH_TRACEPARENT = "on, acknowledgements with a traceparent"
 _REGISTRATION = "FlinkDotNet.Proto.TaskManagerRegistration"
 
 
@@ -861,10 +886,14 @@ async def measure_tracing(
     runs: dict[str, list[Run]] = {case: [] for case in TRACING_CASES}
     try:
         traced = await _traced_targets(jaeger, folder, settings, worker)
-        targets = dict(zip(TRACING_CASES, [untraced, *traced], strict=True))
+        coordinators = [untraced, traced[0], traced[0], traced[1]]
+        targets = dict(zip(TRACING_CASES, coordinators, strict=True))
         for _ in range(settings.repetitions):
             for case, target in targets.items():
-                runs[case].append(await measure_acks(context, target, settings))
+                run = await measure_acks(
+                    context, target, settings, case == _WITH_TRACEPARENT
+                )
+                runs[case].append(run)
         # Wait for the last export, then count the checkpoint traces.
         await asyncio.sleep(1.0)
         traces = await jaeger.trace_count("jobledger-coordinator", "checkpoint.trigger")
@@ -878,7 +907,7 @@ async def measure_tracing(
 def _tracing_figures(runs: dict[str, list[Run]], traces: int) -> dict[str, Any]:
     figures: dict[str, Any] = {"tracing_checkpoint_traces": traces}
     off = _median([r.rate for r in runs["off"]])
-    for case, key in zip(TRACING_CASES, ("off", "on", "on_acks_untraced"), strict=True):
+    for case, key in TRACING_CASES.items():
         _print_runs(f"AcknowledgeCheckpoint, tracing {case}", runs[case])
         rate = _median([r.rate for r in runs[case]])
         cpu = _cpu_per_rpc_us(runs[case])

@@ -21,8 +21,8 @@ from coordinator.engine import Engine
 from coordinator.errors import CommandRejected, InvalidArgument, NotLeader
 from coordinator.ids import split_task_id, task_id
 from eventlog import EventLog, now_ms
-from observability import spans, traces_service
-from observability.setup import UNTRACED_METHODS
+from observability import spans
+from observability.setup import UNTRACED_METHODS, rpc_spans_for
 from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2 as svc
 from protos import jobledger_services_pb2_grpc as svc_grpc
@@ -67,9 +67,10 @@ def rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
     async def handle(
         self: Any, request: Request, context: grpc.aio.ServicerContext
     ) -> Reply:
-        if traced and traces_service(service):
+        factory = rpc_spans_for(service) if traced else None
+        if factory is not None:
             return await spans.serve_traced(
-                service, name, context, answer, self, request
+                factory, service, name, context, answer, self, request
             )
         return await answer(self, request, context)
 

@@ -15,8 +15,8 @@ with the standard OTLP/gRPC exporter, which reads the rest of its settings
 
 Frames on the child's stdin are a header (kind, number, payload length)
 and a payload. SPANS frames carry an ExportTraceServiceRequest of
-``number`` spans; a FLUSH frame asks the child to export everything before
-it and then write ``number`` back on its stdout. When stdin closes, because
+``number`` spans. A FLUSH frame requests the child to export everything
+before it and then write ``number`` back on its stdout. When stdin closes, because
 the parent shut down or died, even by SIGKILL, the child exports what it
 holds, for at most one export timeout, and exits. A parent killed with
 SIGKILL loses only the spans of its last ``HAND_OVER_S``.
@@ -71,14 +71,15 @@ _FLUSH_REPLY = struct.Struct("<I")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ExportSettings:
-    """Where the child sends spans and how it batches them."""
+    """The endpoint the child sends spans to, and the batching it applies."""
 
     endpoint: str
     insecure: bool = True
     schedule_delay_s: float = 5.0
     max_queue_size: int = 2048
     max_export_batch_size: int = 512
-    # One export with its retries, as the exporter's timeout setting says.
+    # The longest one export may take with its retries: the exporter's
+    # timeout setting.
     export_timeout_s: float = 10.0
 
     def arguments(self) -> list[str]:
@@ -177,7 +178,10 @@ class SpanRelay(SpanProcessor):
                 self._hand_over()
 
     def _hand_over(self) -> None:
-        """Send every queued span to the child, a batch per frame. Hold the lock."""
+        """Send every queued span to the child, a batch per frame.
+
+        The caller holds the lock.
+        """
         pending = self._pending
         spans = [pending.popleft() for _ in range(len(pending))]
         batch = self.settings.max_export_batch_size
@@ -212,7 +216,7 @@ class SpanRelay(SpanProcessor):
     def _send(
         self, kind: int, number: int, payload: bytes
     ) -> subprocess.Popen[bytes] | None:
-        """Write one frame to the child; return it, or None if none took it."""
+        """Write one frame to the child. Return the child, or None if none took it."""
         child = self._live_child()
         if child is None or child.stdin is None:
             if kind == SPANS:
@@ -235,7 +239,10 @@ class SpanRelay(SpanProcessor):
         return child
 
     def _live_child(self) -> subprocess.Popen[bytes] | None:
-        """Return the running child, starting one if it is time. Hold the lock."""
+        """Return the running child, starting one if it is time.
+
+        The caller holds the lock.
+        """
         child = self._child
         if child is not None:
             status = child.poll()
@@ -412,8 +419,8 @@ def _read_frames(stdin: IO[bytes], inbox: _Inbox) -> None:
 def _next_batch(
     inbox: _Inbox, settings: ExportSettings
 ) -> tuple[list[tuple[int, bytes]], int | None, bool]:
-    """Wait for a batch to export; return it, a flush id to answer, and
-    whether the input has ended and nothing is left."""
+    """Wait for a batch to export. Return it, the id of a flush to reply to,
+    and whether the input has ended with nothing left."""
     with inbox.changed:
         while True:
             due = inbox.first_at + settings.schedule_delay_s

@@ -9,8 +9,8 @@ inline, and is written to OTLP wire bytes by ``observability.otlp``.
 
 It implements the whole ``opentelemetry.trace.Span`` API: attributes,
 events, links, status and exceptions. It honours the sampler that
-OTEL_TRACES_SAMPLER configures and the limits of ``SpanLimits``. It goes to
-the same batch span processor as every other span, so export settings,
+OTEL_TRACES_SAMPLER configures and the limits of ``SpanLimits``. It ends
+into the same span processor as every other span, so export settings,
 queue limits and shutdown apply to it unchanged.
 """
 
@@ -46,6 +46,36 @@ _SCALARS = (str, bool, int, float)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _UNSET = Status(StatusCode.UNSET)
+
+
+class RemoteParent:
+    """The caller's span that a served call's ``traceparent`` names.
+
+    It has the fields of a remote ``SpanContext`` that an ``RpcSpan`` reads,
+    in slots, because a SpanContext costs more to make and to read, and
+    every traced call from a worker carries one.
+    """
+
+    __slots__ = ("span_id", "trace_flags", "trace_id", "trace_state")
+    is_remote = True
+    is_valid = True
+
+    def __init__(
+        self,
+        trace_id: int,
+        span_id: int,
+        trace_flags: int,
+        trace_state: TraceState | None,
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.trace_flags = trace_flags
+        self.trace_state = trace_state
+
+    def span_context(self) -> SpanContext:
+        """Return the same span context as a ``SpanContext``."""
+        flags = TraceFlags(self.trace_flags)
+        return SpanContext(self.trace_id, self.span_id, True, flags, self.trace_state)
 
 
 class RpcSpanFactory:
@@ -96,7 +126,7 @@ class RpcSpanFactory:
         self,
         name: str,
         kind: SpanKind,
-        parent: SpanContext | None,
+        parent: SpanContext | RemoteParent | None,
         attributes: dict[str, types.AttributeValue],
     ) -> trace.Span:
         """Start a span below ``parent``, a valid span context, or a root span.
@@ -113,10 +143,12 @@ class RpcSpanFactory:
         else:
             trace_id = self.id_generator.generate_trace_id()
         if self.parent_or_always_on:
-            sampled = parent is None or parent.trace_flags.sampled
+            sampled = parent is None or bool(parent.trace_flags & TraceFlags.SAMPLED)
             trace_state = parent.trace_state if parent is not None else None
         else:
             context = Context()
+            if isinstance(parent, RemoteParent):
+                parent = parent.span_context()
             if parent is not None:
                 context = trace.set_span_in_context(NonRecordingSpan(parent))
             result = self.sampler.should_sample(
@@ -195,7 +227,7 @@ class RpcSpan(trace.Span):
         kind: SpanKind,
         trace_id: int,
         span_id: int,
-        parent: SpanContext | None,
+        parent: SpanContext | RemoteParent | None,
         trace_state: TraceState | None,
         attributes: dict[str, types.AttributeValue],
     ) -> None:
@@ -212,7 +244,7 @@ class RpcSpan(trace.Span):
         self.end_time: int | None = None
         self.start_time = time_ns()
 
-    # The batch span processor reads ``span.context`` of the spans it queues.
+    # Span processors read ``span.context``, as of the SDK's ReadableSpan.
     @property
     def context(self) -> SpanContext:
         return self.get_span_context()
@@ -226,7 +258,6 @@ class RpcSpan(trace.Span):
 
     def is_recording(self) -> bool:
         return self.end_time is None
-
 
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
         if self.end_time is not None:

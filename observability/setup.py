@@ -49,6 +49,17 @@ def traces_service(service: str) -> bool:
     return service not in _active.settings.excluded_services
 
 
+def rpc_spans_for(service: str) -> RpcSpanFactory | None:
+    """Return the factory of RPC spans if calls of the full gRPC ``service``
+    name are traced, else None."""
+    active = _active
+    if active is None or active.rpc_spans is None:
+        return None
+    if service in active.settings.excluded_services:
+        return None
+    return active.rpc_spans
+
+
 def tracer() -> trace.Tracer:
     """Return the tracer of jobledger's own spans; a no-op one when tracing is off.
 
@@ -225,9 +236,10 @@ class Telemetry:
         """Flush and stop exporting; uninstall nothing. Safe to call twice.
 
         Blocks while the queued spans are exported, for at most one export
-        timeout (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s by default) when the
-        collector is unreachable; spans still queued then are dropped. The
-        CLI calls this after the coordinator has released its lease.
+        timeout (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s by default) and a few
+        seconds for the export process to exit when the collector is
+        unreachable; spans still queued then are dropped. The CLI calls
+        this after the coordinator has released its lease.
         """
         global _active
         if self.tracer_provider is not None:

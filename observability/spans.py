@@ -10,16 +10,17 @@ trigger to the end. A coordinator that replayed the event after a restart
 or a failover takes the context from its state, so what it emits for the
 checkpoint joins the same trace.
 
-NOTE: spans wait in the batch span processor's memory for up to
-OTEL_BSP_SCHEDULE_DELAY (5 s by default). A coordinator killed with SIGKILL
-in that time loses them, so the trace of a checkpoint in flight can lack its
-``checkpoint.trigger`` root even though its later spans join it.
+NOTE: a span waits in the process for up to observability.relay.HAND_OVER_S
+(0.1 s) before its export process has it. A coordinator killed with SIGKILL
+in that time loses it, so the trace of a checkpoint triggered just before
+can lack its ``checkpoint.trigger`` root even though its later spans join it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import TypeVar
@@ -28,7 +29,14 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    Link,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceState,
+)
 from opentelemetry.util.types import AttributeValue
 
 from observability import instruments
@@ -38,7 +46,7 @@ from observability.propagation import (
     has_span,
     inject,
 )
-from observability.rpcspans import RpcSpan
+from observability.rpcspans import RemoteParent, RpcSpan, RpcSpanFactory
 from observability.setup import (
     start_rpc_span,
     tracer,
@@ -317,6 +325,7 @@ Request = TypeVar("Request")
 
 
 async def serve_traced(
+    factory: RpcSpanFactory,
     service: str,
     method: str,
     context: grpc.aio.ServicerContext,
@@ -326,6 +335,7 @@ async def serve_traced(
 ) -> T:
     """Await ``answer(servicer, request, context)`` inside a SERVER span of the RPC.
 
+    ``factory`` is ``rpc_spans_for(service)``, for a call that is traced.
     The span is a child of the caller's span when the call carries a W3C
     ``traceparent`` metadata entry, as the gRPC instrumentation of a client
     sends it, and the root of a trace otherwise. An RPC that aborts gets the
@@ -333,11 +343,11 @@ async def serve_traced(
     closures, since it runs on every RPC.
     """
     parent = None
-    for key, _ in context.invocation_metadata() or ():
+    for key, value in context.invocation_metadata() or ():
         if key == "traceparent":
-            parent = _caller(context)
+            parent = remote_parent(value, context)
             break
-    span = start_rpc_span(
+    span = factory.start(
         f"/{service}/{method}",
         SpanKind.SERVER,
         parent,
@@ -368,18 +378,36 @@ async def serve_traced(
 # what set_span_in_context makes, so that serve_traced can build its context
 # in one step.
 (_SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, Context())
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+# A W3C traceparent header: version, trace id, parent span id, flags, and
+# whatever a later version adds, with optional blanks around it.
+_TRACEPARENT = re.compile(
+    r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*"
+)
 
 
-def _caller(context: grpc.aio.ServicerContext) -> SpanContext | None:
-    """Return the valid span context that the call's trace headers name, if any."""
-    carrier = {
-        key: value
-        for key, value in context.invocation_metadata() or ()
-        if key in _TRACE_HEADERS and isinstance(value, str)
-    }
-    caller = trace.get_current_span(extract(carrier)).get_span_context()
-    return caller if caller.is_valid else None
+def remote_parent(
+    traceparent: object, context: grpc.aio.ServicerContext
+) -> RemoteParent | None:
+    """Return the span context that a call's ``traceparent`` names, if valid.
+
+    Accepts and rejects what the W3C trace-context propagator does, in
+    fewer steps: it runs for every traced call that a worker makes.
+    """
+    match = _TRACEPARENT.fullmatch(traceparent) if type(traceparent) is str else None
+    if match is None:
+        return None
+    version, trace_hex, span_hex, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    trace_id = int(trace_hex, 16)
+    span_id = int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    trace_state = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "tracestate" and isinstance(value, str):
+            trace_state = TraceState.from_header([value])
+    return RemoteParent(trace_id, span_id, int(flags, 16), trace_state)
 
 
 Metadata = tuple[tuple[str, str], ...]

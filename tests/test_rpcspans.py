@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2,
@@ -52,9 +53,10 @@ from observability.otlp import (
     scope_fields,
     span_record,
 )
+from observability.propagation import extract
 from observability.rpcspans import RpcSpan, RpcSpanFactory
 from observability.settings import TelemetrySettings
-from observability.spans import annotate_rpc, call_traced, serve_traced
+from observability.spans import annotate_rpc, call_traced, remote_parent, serve_traced
 from tests.helpers.otlp_collector import TraceCollector, running_collector
 
 EPOCH = "jobledger.leader.epoch"
@@ -430,7 +432,8 @@ def test_exporter_joins_encoded_batches(exporter: SpanExporter) -> None:
     third = encode_spans(sdk).SerializeToString()
     batch = [EncodedSpans(first, 1), EncodedSpans(second, 3), EncodedSpans(third, 2)]
     request = exporter._translate_data(batch)
-    expected = [s.get_span_context().span_id for s in (*rpc, *sdk)]
+    expected = [s.get_span_context().span_id for s in rpc]
+    expected += [s.get_span_context().span_id for s in sdk]
     assert sorted(span_ids(request)) == sorted(expected)
     scopes = collections.Counter(
         scope_spans.scope.name
@@ -440,6 +443,61 @@ def test_exporter_joins_encoded_batches(exporter: SpanExporter) -> None:
     )
     assert scopes == {SCOPE: 4, "jobledger.test": 2}
     assert exporter._count_data(batch) == 6
+
+
+# The traceparent of a served call, parsed as the W3C propagator does.
+
+VALID_IDS = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"
+TRACEPARENTS = {
+    "valid": f"00-{VALID_IDS}-01",
+    "unsampled": f"00-{VALID_IDS}-00",
+    "other flags": f"00-{VALID_IDS}-09",
+    "blanks around": f" \t00-{VALID_IDS}-01\t ",
+    "later version, more fields": f"01-{VALID_IDS}-01-extra",
+    "version 00, more fields": f"00-{VALID_IDS}-01-extra",
+    "version ff": f"ff-{VALID_IDS}-01",
+    "upper case": f"00-{VALID_IDS.upper()}-01",
+    "zero trace id": f"00-{'0' * 32}-b7ad6b7169203331-01",
+    "zero span id": f"00-0af7651916cd43dd8448eb211c80319c-{'0' * 16}-01",
+    "short trace id": f"00-{VALID_IDS[1:]}-01",
+    "hex prefix": f"00-0x{VALID_IDS[2:]}-01",
+    "underscore": "00-0af7651916cd43dd8448eb211c80_19c-b7ad6b7169203331-01",
+    "empty": "",
+    "junk": "not-a-traceparent",
+}
+
+
+class MetadataContext:
+    """The part of a servicer context that remote_parent reads: the call's metadata."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+
+@pytest.mark.parametrize("name", TRACEPARENTS)
+@pytest.mark.parametrize("trace_state", ["", "vendor=abc,other=x1"])
+def test_caller_parses_as_propagator(name: str, trace_state: str) -> None:
+    carrier = {"traceparent": TRACEPARENTS[name]}
+    if trace_state:
+        carrier["tracestate"] = trace_state
+    expected = trace.get_current_span(extract(carrier)).get_span_context()
+    parsed = remote_parent(
+        carrier["traceparent"], MetadataContext(tuple(carrier.items()))
+    )
+    if not expected.is_valid:
+        assert parsed is None
+        return
+    assert parsed is not None
+    assert parsed.span_context() == expected
+    assert parsed.span_context().trace_state == expected.trace_state
+
+
+def test_caller_rejects_binary_value() -> None:
+    metadata = MetadataContext(())
+    assert remote_parent(b"00-" + VALID_IDS.encode() + b"-01", metadata) is None
 
 
 # RpcSpan semantics.
@@ -753,9 +811,11 @@ class EchoServer:
             {key: str(value) for key, value in context.invocation_metadata() or ()}
         )
 
+        factory = setup.rpc_spans_for(SERVICE)
+        assert factory is not None
         try:
             return await serve_traced(
-                SERVICE, METHOD, context, EchoServer.answer, self, request
+                factory, SERVICE, METHOD, context, EchoServer.answer, self, request
             )
         finally:
             self.handled += 1
