@@ -835,10 +835,10 @@ def tracing_environ(jaeger: Jaeger) -> dict[str, str]:
     }
 
 
-# The tracing cases: tracing off; on; on, with each acknowledgement carrying
-# a traceparent as a traced worker's does (same coordinator as "on"); and on
-# with the acknowledgements' service left out, as
-# OTEL_PYTHON_GRPC_EXCLUDED_SERVICES allows. With the keys of their figures.
+# The tracing cases, with the keys of their figures. The traceparent case
+# runs against the coordinator of "on", with each acknowledgement carrying a
+# traceparent as a traced worker's does. The last leaves the
+# acknowledgements' service out, as OTEL_PYTHON_GRPC_EXCLUDED_SERVICES allows.
 TRACING_CASES = {
     "off": "off",
     "on": "on",

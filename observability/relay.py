@@ -61,6 +61,10 @@ HAND_OVER_S = 0.1
 RESPAWN_S = 5.0
 # Time for the child to exit after its export timeout ran out.
 EXIT_GRACE_S = 5.0
+# Dropped and lost spans are counted and logged at most this often.
+WARN_EVERY_S = 1.0
+# The shortest time a child may take no input before it is taken as stuck.
+WRITE_TIMEOUT_S = 5.0
 
 SPANS = 1
 FLUSH = 2
@@ -100,8 +104,9 @@ class SpanRelay(SpanProcessor):
     ``on_end`` only appends to a deque, so it is cheap and safe from any
     thread. Spans beyond ``max_queue_size`` waiting for the hand-over are
     dropped and counted in a warning. A child that exits is replaced, at
-    most every ``RESPAWN_S``; the spans meant for it in between are lost
-    and counted in a warning.
+    most every ``RESPAWN_S``, and the spans meant for it in between are
+    lost and counted in a warning. Those warnings come at most every
+    ``WARN_EVERY_S``.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class SpanRelay(SpanProcessor):
         self._lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
         self._respawn_at = 0.0
+        self._warned_at = -WARN_EVERY_S
         self._flushes = 0
         # Set when shutdown begins, and when it has closed the child.
         self._stopped = False
@@ -201,8 +207,13 @@ class SpanRelay(SpanProcessor):
                 logger.exception("%d spans could not be encoded; dropped", len(chunk))
                 continue
             self._send(SPANS, len(chunk), payload)
+        now = time.monotonic()
+        if now - self._warned_at < WARN_EVERY_S and not self._stopped:
+            return
         dropped, self._dropped = self._dropped, 0
         lost, self._lost = self._lost, 0
+        if dropped or lost:
+            self._warned_at = now
         if dropped:
             logger.warning(
                 "%d spans dropped: more than OTEL_BSP_MAX_QUEUE_SIZE=%d waited "
@@ -222,11 +233,9 @@ class SpanRelay(SpanProcessor):
             if kind == SPANS:
                 self._lost += number
             return None
-        frame = memoryview(_HEADER.pack(kind, number, len(payload)) + payload)
+        frame = _HEADER.pack(kind, number, len(payload)) + payload
         try:
-            fd = child.stdin.fileno()
-            while frame:
-                frame = frame[os.write(fd, frame) :]
+            _write_within(child.stdin.fileno(), frame, self._write_timeout_s)
         except (OSError, ValueError) as exc:
             logger.warning(
                 "span export process %d stopped taking spans (%s)", child.pid, exc
@@ -237,6 +246,12 @@ class SpanRelay(SpanProcessor):
             self._child = None
             return None
         return child
+
+    @property
+    def _write_timeout_s(self) -> float:
+        # A child that takes no input for this long is stuck (stopped, or
+        # hung), so it is killed and replaced rather than waited for.
+        return max(WRITE_TIMEOUT_S, self.settings.export_timeout_s)
 
     def _live_child(self) -> subprocess.Popen[bytes] | None:
         """Return the running child, starting one if it is time.
@@ -267,6 +282,8 @@ class SpanRelay(SpanProcessor):
         except OSError as exc:
             logger.warning("span export process not started: %s", exc)
             return None
+        assert child.stdin is not None
+        os.set_blocking(child.stdin.fileno(), False)
         logger.info(
             "span export process %d sends spans to %s",
             child.pid,
@@ -327,7 +344,9 @@ class SpanRelay(SpanProcessor):
         """Hand over the last spans and wait for the child to export them.
 
         Waits at most one export timeout and ``EXIT_GRACE_S``, then kills
-        the child. Safe to call twice.
+        the child. A child that takes no input (stopped, or hung) adds the
+        write timeout, the longer of ``WRITE_TIMEOUT_S`` and the export
+        timeout, before it is killed. Safe to call twice.
         """
         if self._stopped:
             return
@@ -354,6 +373,22 @@ class SpanRelay(SpanProcessor):
         self._close_child(child)
 
 
+def _write_within(fd: int, data: bytes, timeout_s: float) -> None:
+    """Write all of ``data`` to the non-blocking ``fd``; raise TimeoutError
+    if that takes longer than ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [fd], [], left)[1]:
+                raise TimeoutError(
+                    f"the pipe took no data for {timeout_s:g} s"
+                ) from None
+
+
 # ------------------------------------------------------------ the child
 
 
@@ -367,6 +402,8 @@ class _Inbox:
         self.first_at = 0.0
         self.flushes = 0
         self.closed = False
+        # When the input ended: the export timeout runs from then.
+        self.closed_at = 0.0
         self.dropped = 0
         self.changed = threading.Condition()
 
@@ -386,6 +423,7 @@ class _Inbox:
 
     def close(self) -> None:
         with self.changed:
+            self.closed_at = time.monotonic()
             self.closed = True
             self.changed.notify()
 
@@ -466,8 +504,11 @@ def _export_loop(inbox: _Inbox, settings: ExportSettings, replies: IO[bytes]) ->
             batch, flush_id, finished = _next_batch(inbox, settings)
             if inbox.closed and cutoff is None:
                 # The parent is gone: export what is left for at most one
-                # export timeout, then stop the exporter's retries.
-                cutoff = threading.Timer(settings.export_timeout_s, exporter.shutdown)
+                # export timeout, counted from the end of the input (not
+                # from the end of an export running then), then stop the
+                # exporter's retries.
+                left = inbox.closed_at + settings.export_timeout_s - time.monotonic()
+                cutoff = threading.Timer(max(0.0, left), exporter.shutdown)
                 cutoff.daemon = True
                 cutoff.start()
             if batch:
@@ -525,9 +566,13 @@ def _parse(argv: list[str] | None) -> ExportSettings:
 def main(argv: list[str] | None = None) -> int:
     """Run the export process: read frames from stdin until it closes."""
     settings = _parse(argv)
-    # A Ctrl-C at a terminal reaches the whole process group; the child
-    # stops when its parent closes the pipe, after the last spans.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A Ctrl-C at a terminal reaches the whole process group, and so do
+    # the SIGTERM of a service manager (systemd's KillMode=control-group),
+    # of GNU timeout or of `kill -TERM -PGID`, and the SIGHUP of a closed
+    # terminal; the child stops when its parent closes the pipe, or dies,
+    # after the last spans.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,

@@ -10,6 +10,7 @@ started without these variables sends nothing anywhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 from opentelemetry.sdk.trace import sampling
@@ -76,10 +77,22 @@ class TelemetrySettings:
                 f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE={max_export_batch_size} is more "
                 f"than OTEL_BSP_MAX_QUEUE_SIZE={max_queue_size}; lower it"
             )
+        traces_endpoint = None if disabled else _endpoint(environ, "TRACES")
+        metrics_endpoint = None if disabled else _endpoint(environ, "METRICS")
+        signals = [
+            signal
+            for signal, endpoint in (
+                ("TRACES_", traces_endpoint),
+                ("METRICS_", metrics_endpoint),
+            )
+            if endpoint is not None
+        ]
+        if signals:
+            _check_exporter_variables(environ, ["", *signals])
         return cls(
             service_name=service_name or default_service_name,
-            traces_endpoint=None if disabled else _endpoint(environ, "TRACES"),
-            metrics_endpoint=None if disabled else _endpoint(environ, "METRICS"),
+            traces_endpoint=traces_endpoint,
+            metrics_endpoint=metrics_endpoint,
             insecure=_flag(environ, "OTEL_EXPORTER_OTLP_INSECURE", default=True),
             sampler_name=sampler_name,
             sampler_arg=sampler_arg,
@@ -118,6 +131,33 @@ def _endpoint(environ: Mapping[str, str], signal: str) -> str | None:
         )
     endpoint = environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "").strip()
     return endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or None
+
+
+def _check_exporter_variables(environ: Mapping[str, str], signals: list[str]) -> None:
+    """Raise ValueError naming an OTLP exporter variable that the exporter
+    would reject or misread: a timeout, or a compression.
+
+    ``signals`` are the infixes of the variables read: "" for the shared
+    ones, "TRACES_" and "METRICS_" for a signal's own.
+    """
+    for signal in signals:
+        name = f"OTEL_EXPORTER_OTLP_{signal}TIMEOUT"
+        if name in environ:
+            text = environ[name]
+            try:
+                seconds = float(text)
+            except ValueError:
+                seconds = math.nan
+            if not 0 < seconds < math.inf:
+                raise ValueError(
+                    f"{name}={text!r} is not a positive number of seconds; "
+                    "fix or unset it"
+                )
+        name = f"OTEL_EXPORTER_OTLP_{signal}COMPRESSION"
+        if name in environ and environ[name].strip().lower() != "gzip":
+            raise ValueError(
+                f"{name}={environ[name]!r} is not supported; set 'gzip' or unset it"
+            )
 
 
 def _positive(environ: Mapping[str, str], name: str, default: int) -> int:

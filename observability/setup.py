@@ -177,9 +177,14 @@ class Telemetry:
         # The export process makes its own exporter; this one checks the
         # OTEL_EXPORTER_OTLP_* settings here, where a bad one stops the
         # start, and tells the export timeout.
-        probe = SpanExporter(
-            endpoint=settings.traces_endpoint, insecure=settings.insecure
-        )
+        try:
+            probe = SpanExporter(
+                endpoint=settings.traces_endpoint, insecure=settings.insecure
+            )
+        except Exception as exc:
+            raise ValueError(
+                f"OTLP trace exporter settings are invalid: {exc}"
+            ) from exc
         probe.shutdown()
         relay = SpanRelay(
             self.resource,

@@ -356,7 +356,7 @@ async def serve_traced(
     # The span stays current after the call, not reset: gRPC serves each
     # call in an asyncio task of its own, which ends with it, and each reset
     # costs the hot path. The task starts with an empty context, so the
-    # span's context holds the span alone, as set_span_in_context would make
+    # span's context contains the span alone, as set_span_in_context would make
     # it from the empty one.
     otel_context.attach(Context({_SPAN_KEY: span}))
     # annotate_rpc finds the span here, cheaper than in the OpenTelemetry
@@ -388,7 +388,7 @@ _TRACEPARENT = re.compile(
 def remote_parent(
     traceparent: object, context: grpc.aio.ServicerContext
 ) -> RemoteParent | None:
-    """Return the span context that a call's ``traceparent`` names, if valid.
+    """Return the caller's span that a call's ``traceparent`` names, if valid.
 
     Accepts and rejects what the W3C trace-context propagator does, in
     fewer steps: it runs for every traced call that a worker makes.

@@ -137,6 +137,34 @@ def test_settings_reject_invalid(variable: str, value: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "inf"),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "zip"),
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", ""),
+    ],
+)
+def test_settings_reject_exporter_variable(variable: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{variable}={value!r}"):
+        settings(OTEL_EXPORTER_OTLP_ENDPOINT=ENDPOINT, **{variable: value})
+
+
+def test_settings_exporter_variables_of_signal_off_ignored() -> None:
+    # Metrics are off, so their exporter's variables are never read.
+    result = settings(
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=ENDPOINT,
+        OTEL_EXPORTER_OTLP_METRICS_TIMEOUT="abc",
+        OTEL_EXPORTER_OTLP_TRACES_TIMEOUT="2.5",
+        OTEL_EXPORTER_OTLP_COMPRESSION="GZIP",
+    )
+    assert result.traces_endpoint == ENDPOINT
+    assert result.metrics_endpoint is None
+
+
 def test_settings_batching_from_bsp_variables() -> None:
     result = settings(
         OTEL_BSP_SCHEDULE_DELAY="250",

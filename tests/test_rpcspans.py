@@ -369,14 +369,14 @@ def test_record_remote_parent_flags() -> None:
     assert encoded.flags == 0x300
 
 
-def test_record_of_full_span_is_its_encoding() -> None:
+def test_record_of_full_span_encoded() -> None:
     # Events, links, a trace state and dropped counts are encoded at once.
     span = full_rpc_span()
     assert span_record(span) == encode_span(span)
     assert encode_record(span_record(span)) == encode_span(span)
 
 
-def test_request_of_records_matches_resource_spans() -> None:
+def test_request_matches_resource_spans() -> None:
     spans = record_cases()
     request = trace_service_pb2.ExportTraceServiceRequest.FromString(
         encode_request(scope_fields(RESOURCE, SCOPE), [span_record(s) for s in spans])
@@ -479,7 +479,7 @@ class MetadataContext:
 
 @pytest.mark.parametrize("name", TRACEPARENTS)
 @pytest.mark.parametrize("trace_state", ["", "vendor=abc,other=x1"])
-def test_caller_parses_as_propagator(name: str, trace_state: str) -> None:
+def test_remote_parent_as_propagator(name: str, trace_state: str) -> None:
     carrier = {"traceparent": TRACEPARENTS[name]}
     if trace_state:
         carrier["tracestate"] = trace_state
@@ -495,7 +495,7 @@ def test_caller_parses_as_propagator(name: str, trace_state: str) -> None:
     assert parsed.span_context().trace_state == expected.trace_state
 
 
-def test_caller_rejects_binary_value() -> None:
+def test_remote_parent_rejects_bytes() -> None:
     metadata = MetadataContext(())
     assert remote_parent(b"00-" + VALID_IDS.encode() + b"-01", metadata) is None
 
