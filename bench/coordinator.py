@@ -835,17 +835,23 @@ def tracing_environ(jaeger: Jaeger) -> dict[str, str]:
     }
 
 
-# The tracing cases, with the keys of their figures. The traceparent case
-# runs against the coordinator of "on", with each acknowledgement carrying a
-# traceparent as a traced worker's does. The last leaves the
-# acknowledgements' service out, as OTEL_PYTHON_GRPC_EXCLUDED_SERVICES allows.
+# The tracing cases, with the keys of their figures. In the traceparent
+# cases each acknowledgement carries a traceparent, as a traced worker's
+# does, and they run against the coordinators of "off" and "on": the header
+# costs gRPC some work even where the coordinator does not trace. The last
+# case leaves the acknowledgements' service out, as
+# OTEL_PYTHON_GRPC_EXCLUDED_SERVICES allows.
 TRACING_CASES = {
     "off": "off",
+    "off, acknowledgements with a traceparent": "off_traceparent",
     "on": "on",
     "on, acknowledgements with a traceparent": "on_traceparent",
     "on, TaskManagerRegistration untraced": "on_acks_untraced",
 }
-_WITH_TRACEPARENT = "on, acknowledgements with a traceparent"
+_WITH_TRACEPARENT = (
+    "off, acknowledgements with a traceparent",
+    "on, acknowledgements with a traceparent",
+)
 _REGISTRATION = "FlinkDotNet.Proto.TaskManagerRegistration"
 
 
@@ -886,12 +892,12 @@ async def measure_tracing(
     runs: dict[str, list[Run]] = {case: [] for case in TRACING_CASES}
     try:
         traced = await _traced_targets(jaeger, folder, settings, worker)
-        coordinators = [untraced, traced[0], traced[0], traced[1]]
+        coordinators = [untraced, untraced, traced[0], traced[0], traced[1]]
         targets = dict(zip(TRACING_CASES, coordinators, strict=True))
         for _ in range(settings.repetitions):
             for case, target in targets.items():
                 run = await measure_acks(
-                    context, target, settings, case == _WITH_TRACEPARENT
+                    context, target, settings, case in _WITH_TRACEPARENT
                 )
                 runs[case].append(run)
         # Wait for the last export, then count the checkpoint traces.
@@ -918,6 +924,15 @@ def _tracing_figures(runs: dict[str, list[Run]], traces: int) -> dict[str, Any]:
             f"  tracing {case}: {rate / off:.3f} of the rate with tracing off; "
             f"coordinator CPU {cpu} µs per RPC (median of the runs)"
         )
+    with_header = _median([r.rate for r in runs[_WITH_TRACEPARENT[1]]])
+    without = _median([r.rate for r in runs[_WITH_TRACEPARENT[0]]])
+    figures["ratio_ack_tracing_on_traceparent_to_off_traceparent"] = round(
+        with_header / without, 3
+    )
+    print(
+        f"  with a traceparent on every acknowledgement, tracing on: "
+        f"{with_header / without:.3f} of the rate with tracing off"
+    )
     print(
         f"target: tracing on at 0.9 or more of off; Jaeger stored {traces} "
         "checkpoint traces"
