@@ -21,6 +21,7 @@ from opentelemetry.proto.collector.metrics.v1 import (
 )
 from opentelemetry.sdk.trace import TracerProvider
 
+from coordinator.entry import invalid_limit
 from observability import (
     TelemetrySettings,
     TraceIdFilter,
@@ -317,6 +318,35 @@ def test_cli_rejects_invalid_otel_variable(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "OTEL_TRACES_EXPORTER='zipkin' is not supported" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "abc"),
+        ("OTEL_SPAN_EVENT_COUNT_LIMIT", "-1"),
+        ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", ""),
+    ],
+)
+def test_cli_rejects_invalid_span_limit(
+    variable: str, value: str, tmp_path: Path
+) -> None:
+    # The SDK reads OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT when it is imported.
+    result = subprocess.run(
+        [*coordinator_command(), "coordinator", "--db", str(tmp_path / "log.db")],
+        env={**os.environ, variable: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"jobledger: {variable}={value!r} is not a whole number" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "128", " 7 ", "unset", "UNSET"])
+def test_span_limit_accepted(value: str) -> None:
+    assert invalid_limit({"OTEL_SPAN_LINK_COUNT_LIMIT": value}) is None
 
 
 class MetricsCollector(metrics_service_pb2_grpc.MetricsServiceServicer):
