@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-# The SDK's span limits: whole numbers of 0 or more, or "unset".
+# The SDK's span limits: whole numbers of 0 or more, or empty for no limit.
 LIMIT_VARIABLES = (
     "OTEL_ATTRIBUTE_COUNT_LIMIT",
     "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
@@ -30,12 +30,17 @@ def invalid_limit(environ: Mapping[str, str]) -> str | None:
     for name in LIMIT_VARIABLES:
         if name not in environ:
             continue
-        text = environ[name].strip().lower()
-        if text == "unset" or (text.isdigit() and text.isascii()):
+        text = environ[name].strip()
+        if not text:
             continue
+        try:
+            if int(text) >= 0:
+                continue
+        except ValueError:
+            pass
         return (
             f"{name}={environ[name]!r} is not a whole number of 0 or more; "
-            "fix it, or set it to 'unset' for no limit"
+            "fix it, or set it empty for no limit"
         )
     return None
 

@@ -70,7 +70,8 @@ SPANS = 1
 FLUSH = 2
 # kind, number (spans of a SPANS frame, id of a FLUSH frame), payload length
 _HEADER = struct.Struct("<BII")
-_FLUSH_REPLY = struct.Struct("<I")
+# The id of a FLUSH frame, and whether every span before it was sent.
+_FLUSH_REPLY = struct.Struct("<I?")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,7 +83,7 @@ class ExportSettings:
     schedule_delay_s: float = 5.0
     max_queue_size: int = 2048
     max_export_batch_size: int = 512
-    # The longest one export may take with its retries: the exporter's
+    # The maximum time of one export with its retries: the exporter's
     # timeout setting.
     export_timeout_s: float = 10.0
 
@@ -105,7 +106,8 @@ class SpanRelay(SpanProcessor):
     thread. Spans beyond ``max_queue_size`` waiting for the hand-over are
     dropped and counted in a warning. A child that exits is replaced, at
     most every ``RESPAWN_S``, and the spans meant for it in between are
-    lost and counted in a warning. Those warnings come at most every
+    lost and counted in a warning. The spans a child held when it died are
+    lost with it, uncounted. Those warnings come at most every
     ``WARN_EVERY_S``.
     """
 
@@ -181,11 +183,17 @@ class SpanRelay(SpanProcessor):
             self._wake.wait(interval)
             self._wake.clear()
             with self._lock:
-                self._hand_over()
+                try:
+                    self._hand_over()
+                except Exception:
+                    # A failed hand-over must not end the thread: spans
+                    # would pile up with no one to send or count them.
+                    logger.exception("span hand-over failed; the next one retries")
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, timeout_s: float | None = None) -> None:
         """Send every queued span to the child, a batch per frame.
 
+        Each write may take ``timeout_s`` (the write timeout by default).
         The caller holds the lock.
         """
         pending = self._pending
@@ -200,13 +208,9 @@ class SpanRelay(SpanProcessor):
                     records.append(item)
                 else:
                     sdk_spans.append(item)  # type: ignore[arg-type]
-            try:
-                sdk = encode_spans(sdk_spans).SerializeToString() if sdk_spans else b""
-                payload = marshal.dumps((self._scope, records, sdk))
-            except Exception:
-                logger.exception("%d spans could not be encoded; dropped", len(chunk))
-                continue
-            self._send(SPANS, len(chunk), payload)
+            payload, count = self._frame(records, sdk_spans)
+            if count:
+                self._send(SPANS, count, payload, timeout_s)
         now = time.monotonic()
         if now - self._warned_at < WARN_EVERY_S and not self._stopped:
             return
@@ -224,10 +228,39 @@ class SpanRelay(SpanProcessor):
         if lost:
             logger.warning("%d spans lost: no export process took them", lost)
 
+    def _frame(
+        self, records: list[SpanRecord], sdk_spans: list[ReadableSpan]
+    ) -> tuple[bytes, int]:
+        """Return the payload of a SPANS frame and the number of spans in it.
+
+        A span that cannot be encoded (an attribute value marshal does not
+        take, say) is dropped alone, with an error logged.
+        """
+        try:
+            sdk = encode_spans(sdk_spans).SerializeToString() if sdk_spans else b""
+        except Exception:
+            logger.exception(
+                "%d SDK spans could not be encoded; dropped", len(sdk_spans)
+            )
+            sdk, sdk_spans = b"", []
+        try:
+            payload = marshal.dumps((self._scope, records, sdk))
+        except ValueError:
+            kept = [record for record in records if _marshals(record)]
+            logger.error(
+                "%d spans dropped: an attribute value is not a plain str, int, "
+                "float, bool or bytes",
+                len(records) - len(kept),
+            )
+            records = kept
+            payload = marshal.dumps((self._scope, records, sdk))
+        return payload, len(records) + len(sdk_spans)
+
     def _send(
-        self, kind: int, number: int, payload: bytes
+        self, kind: int, number: int, payload: bytes, timeout_s: float | None = None
     ) -> subprocess.Popen[bytes] | None:
-        """Write one frame to the child. Return the child, or None if none took it."""
+        """Write one frame to the child within ``timeout_s`` (the write timeout
+        by default). Return the child, or None if none took it."""
         child = self._live_child()
         if child is None or child.stdin is None:
             if kind == SPANS:
@@ -235,7 +268,8 @@ class SpanRelay(SpanProcessor):
             return None
         frame = _HEADER.pack(kind, number, len(payload)) + payload
         try:
-            _write_within(child.stdin.fileno(), frame, self._write_timeout_s)
+            limit = self._write_timeout_s if timeout_s is None else timeout_s
+            _write_within(child.stdin.fileno(), frame, limit)
         except (OSError, ValueError) as exc:
             logger.warning(
                 "span export process %d stopped taking spans (%s)", child.pid, exc
@@ -303,16 +337,25 @@ class SpanRelay(SpanProcessor):
         child.wait()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Export every span ended so far; False if that took too long or failed."""
+        """Export every span ended so far, within ``timeout_millis``.
+
+        Returns False if that took too long, if no export process took the
+        spans, or if the export process could not send some of them.
+        """
         deadline = time.monotonic() + timeout_millis / 1000
-        with self._lock:
-            self._hand_over()
+        if not self._lock.acquire(timeout=max(0.0, timeout_millis / 1000)):
+            return False
+        try:
+            self._hand_over(max(0.0, deadline - time.monotonic()))
             self._flushes += 1
             flush_id = self._flushes
-            child = self._send(FLUSH, flush_id, b"")
+            left = max(0.0, deadline - time.monotonic())
+            child = self._send(FLUSH, flush_id, b"", left)
             if child is None:
                 return False
             return self._await_flush(child, flush_id, deadline)
+        finally:
+            self._lock.release()
 
     def _await_flush(
         self, child: subprocess.Popen[bytes], flush_id: int, deadline: float
@@ -333,12 +376,13 @@ class SpanRelay(SpanProcessor):
             received += chunk
             usable = len(received) - len(received) % _FLUSH_REPLY.size
             replies = [
-                _FLUSH_REPLY.unpack_from(received, offset)[0]
+                _FLUSH_REPLY.unpack_from(received, offset)
                 for offset in range(0, usable, _FLUSH_REPLY.size)
             ]
             received = received[usable:]
-            if any(reply >= flush_id for reply in replies):
-                return True
+            for reply_id, sent in replies:
+                if reply_id >= flush_id:
+                    return bool(sent)
 
     def shutdown(self) -> None:
         """Hand over the last spans and wait for the child to export them.
@@ -357,6 +401,11 @@ class SpanRelay(SpanProcessor):
             self._hand_over()
             self._closed = True
             child, self._child = self._child, None
+            # A span that passed on_end's check as shutdown began.
+            late = len(self._pending)
+            self._pending.clear()
+        if late:
+            logger.warning("%d spans ended during shutdown; dropped", late)
         if child is None:
             return
         if child.stdin is not None:
@@ -371,6 +420,15 @@ class SpanRelay(SpanProcessor):
                 self.settings.export_timeout_s + EXIT_GRACE_S,
             )
         self._close_child(child)
+
+
+def _marshals(record: SpanRecord) -> bool:
+    """Return whether marshal can write ``record``."""
+    try:
+        marshal.dumps(record)
+    except ValueError:
+        return False
+    return True
 
 
 def _write_within(fd: int, data: bytes, timeout_s: float) -> None:
@@ -421,6 +479,11 @@ class _Inbox:
             self.items.append((kind, number, payload))
             self.changed.notify()
 
+    def drop(self, number: int) -> None:
+        """Count ``number`` spans dropped before they reached the inbox."""
+        with self.changed:
+            self.dropped += number
+
     def close(self) -> None:
         with self.changed:
             self.closed_at = time.monotonic()
@@ -448,6 +511,7 @@ def _read_frames(stdin: IO[bytes], inbox: _Inbox) -> None:
                     logger.exception(
                         "span export: %d spans undecodable; dropped", number
                     )
+                    inbox.drop(number)
                     continue
             inbox.put(kind, number, payload)
     finally:
@@ -499,6 +563,8 @@ def _export_loop(inbox: _Inbox, settings: ExportSettings, replies: IO[bytes]) ->
 
     exporter = SpanExporter(endpoint=settings.endpoint, insecure=settings.insecure)
     cutoff: threading.Timer | None = None
+    # Whether every span since the last flush reply was sent.
+    all_sent = True
     try:
         while True:
             batch, flush_id, finished = _next_batch(inbox, settings)
@@ -515,24 +581,27 @@ def _export_loop(inbox: _Inbox, settings: ExportSettings, replies: IO[bytes]) ->
                 spans = [EncodedSpans(payload, number) for number, payload in batch]
                 result = exporter.export(spans)  # type: ignore[arg-type]
                 if result.name != "SUCCESS":
+                    all_sent = False
                     logger.warning(
                         "span export: %d spans not accepted by %s",
                         sum(number for number, _ in batch),
                         settings.endpoint,
                     )
-            if flush_id is not None:
-                with contextlib.suppress(OSError):
-                    replies.write(_FLUSH_REPLY.pack(flush_id))
-                    replies.flush()
             with inbox.changed:
                 dropped, inbox.dropped = inbox.dropped, 0
             if dropped:
+                all_sent = False
                 logger.warning(
                     "span export: %d spans dropped, more than "
-                    "OTEL_BSP_MAX_QUEUE_SIZE=%d were waiting",
+                    "OTEL_BSP_MAX_QUEUE_SIZE=%d were waiting, or undecodable",
                     dropped,
                     settings.max_queue_size,
                 )
+            if flush_id is not None:
+                with contextlib.suppress(OSError):
+                    replies.write(_FLUSH_REPLY.pack(flush_id, all_sent))
+                    replies.flush()
+                all_sent = True
             if finished:
                 return
     finally:

@@ -392,5 +392,30 @@ def _bounded(
 
 
 def _clean(key: Any, value: Any, max_length: int | None) -> types.AttributeValue | None:
-    """Return ``value`` as the SDK would store it, or None (logged) if invalid."""
-    return _bounded(1, {key: value}, max_length).get(key)
+    """Return ``value`` as the SDK would store it, or None (logged) if invalid.
+
+    A value of a subclass of a valid type, such as an IntEnum, becomes a
+    value of the type itself, as the OTLP encoding writes it: the export
+    process receives the spans through marshal, which takes only the
+    built-in types.
+    """
+    cleaned = _bounded(1, {key: value}, max_length).get(key)
+    if isinstance(cleaned, tuple):
+        return tuple(_plain(item) for item in cleaned)
+    return None if cleaned is None else _plain(cleaned)
+
+
+def _plain(value: Any) -> Any:
+    """Return a scalar attribute value as its exact built-in type, keeping
+    its value (a str Enum's value, not its name)."""
+    if type(value) in _SCALARS or type(value) is bytes:
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, bytes):
+        return bytes.__bytes__(value)
+    return value

@@ -68,17 +68,10 @@ class TelemetrySettings:
         disabled = _flag(environ, "OTEL_SDK_DISABLED", default=False)
         service_name = environ.get("OTEL_SERVICE_NAME", "").strip()
         sampler_name, sampler_arg = _sampler(environ)
-        max_queue_size = _positive(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
-        max_export_batch_size = _positive(
-            environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512
-        )
-        if max_export_batch_size > max_queue_size:
-            raise ValueError(
-                f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE={max_export_batch_size} is more "
-                f"than OTEL_BSP_MAX_QUEUE_SIZE={max_queue_size}; lower it"
-            )
         traces_endpoint = None if disabled else _endpoint(environ, "TRACES")
         metrics_endpoint = None if disabled else _endpoint(environ, "METRICS")
+        # The batching is read only where spans are exported.
+        batching = _batching(environ if traces_endpoint is not None else {})
         signals = [
             signal
             for signal, endpoint in (
@@ -103,10 +96,23 @@ class TelemetrySettings:
                 )
                 if name.strip()
             ),
-            schedule_delay_ms=_positive(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000),
-            max_queue_size=max_queue_size,
-            max_export_batch_size=max_export_batch_size,
+            schedule_delay_ms=batching[0],
+            max_queue_size=batching[1],
+            max_export_batch_size=batching[2],
         )
+
+
+def _batching(environ: Mapping[str, str]) -> tuple[int, int, int]:
+    """Return the schedule delay in ms, the queue size and the batch size."""
+    max_queue_size = _positive(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+    max_export_batch_size = _positive(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+    if max_export_batch_size > max_queue_size:
+        raise ValueError(
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE={max_export_batch_size} is more "
+            f"than OTEL_BSP_MAX_QUEUE_SIZE={max_queue_size}; lower it"
+        )
+    delay_ms = _positive(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000)
+    return delay_ms, max_queue_size, max_export_batch_size
 
 
 def _endpoint(environ: Mapping[str, str], signal: str) -> str | None:

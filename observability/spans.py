@@ -342,11 +342,12 @@ async def serve_traced(
     status code it aborted with. Written without context managers or
     closures, since it runs on every RPC.
     """
-    parent = None
+    # The last traceparent entry counts, as in a carrier dict of the metadata.
+    traceparent = None
     for key, value in context.invocation_metadata() or ():
         if key == "traceparent":
-            parent = remote_parent(value, context)
-            break
+            traceparent = value
+    parent = None if traceparent is None else remote_parent(traceparent, context)
     span = factory.start(
         f"/{service}/{method}",
         SpanKind.SERVER,
@@ -378,6 +379,10 @@ async def serve_traced(
 # what set_span_in_context makes, so that serve_traced can build its context
 # in one step.
 (_SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, Context())
+# The maximum lengths of the traceparent and tracestate headers that the W3C
+# propagator of OpenTelemetry reads. It ignores longer ones.
+_TRACEPARENT_MAX_LENGTH = 512
+_TRACESTATE_MAX_LENGTH = 8192
 # A W3C traceparent header: version, trace id, parent span id, flags, and
 # whatever a later version adds, with optional blanks around it.
 _TRACEPARENT = re.compile(
@@ -393,7 +398,9 @@ def remote_parent(
     Accepts and rejects what the W3C trace-context propagator does, in
     fewer steps: it runs for every traced call that a worker makes.
     """
-    match = _TRACEPARENT.fullmatch(traceparent) if type(traceparent) is str else None
+    if type(traceparent) is not str or len(traceparent) > _TRACEPARENT_MAX_LENGTH:
+        return None
+    match = _TRACEPARENT.fullmatch(traceparent)
     if match is None:
         return None
     version, trace_hex, span_hex, flags, rest = match.groups()
@@ -403,10 +410,14 @@ def remote_parent(
     span_id = int(span_hex, 16)
     if not trace_id or not span_id:
         return None
-    trace_state = None
+    # The last tracestate entry counts, as for the traceparent.
+    header = None
     for key, value in context.invocation_metadata() or ():
         if key == "tracestate" and isinstance(value, str):
-            trace_state = TraceState.from_header([value])
+            header = value
+    trace_state = None
+    if header is not None and len(header) <= _TRACESTATE_MAX_LENGTH:
+        trace_state = TraceState.from_header([header])
     return RemoteParent(trace_id, span_id, int(flags, 16), trace_state)
 
 

@@ -19,7 +19,7 @@ from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
     metrics_service_pb2_grpc,
 )
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 
 from coordinator.entry import invalid_limit
 from observability import (
@@ -125,9 +125,6 @@ def test_settings_sampler_ratio() -> None:
         ("OTEL_TRACES_SAMPLER_ARG", "2"),
         ("OTEL_TRACES_SAMPLER_ARG", "half"),
         ("OTEL_SDK_DISABLED", "maybe"),
-        ("OTEL_BSP_MAX_QUEUE_SIZE", "lots"),
-        ("OTEL_BSP_SCHEDULE_DELAY", "0"),
-        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-5"),
     ],
 )
 def test_settings_reject_invalid(variable: str, value: str) -> None:
@@ -141,6 +138,9 @@ def test_settings_reject_invalid(variable: str, value: str) -> None:
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "lots"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-5"),
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc"),
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan"),
         ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1"),
@@ -149,7 +149,7 @@ def test_settings_reject_invalid(variable: str, value: str) -> None:
         ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", ""),
     ],
 )
-def test_settings_reject_exporter_variable(variable: str, value: str) -> None:
+def test_settings_reject_export_variable(variable: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"{variable}={value!r}"):
         settings(OTEL_EXPORTER_OTLP_ENDPOINT=ENDPOINT, **{variable: value})
 
@@ -166,8 +166,15 @@ def test_settings_exporter_variables_of_signal_off_ignored() -> None:
     assert result.metrics_endpoint is None
 
 
+def test_settings_bsp_variables_ignored_without_tracing() -> None:
+    result = settings(OTEL_BSP_MAX_QUEUE_SIZE="100", OTEL_BSP_SCHEDULE_DELAY="x")
+    assert result.traces_endpoint is None
+    assert result.max_queue_size == 2048
+
+
 def test_settings_batching_from_bsp_variables() -> None:
     result = settings(
+        OTEL_EXPORTER_OTLP_ENDPOINT=ENDPOINT,
         OTEL_BSP_SCHEDULE_DELAY="250",
         OTEL_BSP_MAX_QUEUE_SIZE="100",
         OTEL_BSP_MAX_EXPORT_BATCH_SIZE="10",
@@ -178,7 +185,11 @@ def test_settings_batching_from_bsp_variables() -> None:
 
 def test_settings_reject_batch_larger_than_queue() -> None:
     with pytest.raises(ValueError, match="OTEL_BSP_MAX_EXPORT_BATCH_SIZE=600 is more"):
-        settings(OTEL_BSP_MAX_QUEUE_SIZE="100", OTEL_BSP_MAX_EXPORT_BATCH_SIZE="600")
+        settings(
+            OTEL_EXPORTER_OTLP_ENDPOINT=ENDPOINT,
+            OTEL_BSP_MAX_QUEUE_SIZE="100",
+            OTEL_BSP_MAX_EXPORT_BATCH_SIZE="600",
+        )
 
 
 def test_telemetry_off_installs_nothing() -> None:
@@ -325,7 +336,7 @@ def test_cli_rejects_invalid_otel_variable(tmp_path: Path) -> None:
     [
         ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "abc"),
         ("OTEL_SPAN_EVENT_COUNT_LIMIT", "-1"),
-        ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", ""),
+        ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "unset"),
     ],
 )
 def test_cli_rejects_invalid_span_limit(
@@ -344,9 +355,30 @@ def test_cli_rejects_invalid_span_limit(
     assert f"jobledger: {variable}={value!r} is not a whole number" in result.stderr
 
 
-@pytest.mark.parametrize("value", ["0", "128", " 7 ", "unset", "UNSET"])
-def test_span_limit_accepted(value: str) -> None:
-    assert invalid_limit({"OTEL_SPAN_LINK_COUNT_LIMIT": value}) is None
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("0", True),
+        ("128", True),
+        (" 7 ", True),
+        ("+5", True),
+        ("1_000", True),
+        ("", True),
+        ("abc", False),
+        ("-1", False),
+        ("unset", False),
+    ],
+)
+def test_span_limit_checked_as_sdk_reads_it(
+    value: str, valid: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_SPAN_LINK_COUNT_LIMIT", value)
+    assert (invalid_limit({"OTEL_SPAN_LINK_COUNT_LIMIT": value}) is None) is valid
+    if valid:
+        SpanLimits()
+    else:
+        with pytest.raises(ValueError, match="OTEL_SPAN_LINK_COUNT_LIMIT"):
+            SpanLimits()
 
 
 class MetricsCollector(metrics_service_pb2_grpc.MetricsServiceServicer):

@@ -3,6 +3,7 @@ OTLP collector on 127.0.0.1, with the export process and its parent killed."""
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from opentelemetry.trace import SpanKind
 
 from observability import relay
 from observability.relay import ExportSettings, SpanRelay
-from observability.rpcspans import RpcSpanFactory
+from observability.rpcspans import RpcSpan, RpcSpanFactory
 from observability.settings import TelemetrySettings
 from tests.helpers.coordinator_process import free_port
 from tests.helpers.otlp_collector import TraceCollector, running_collector
@@ -206,7 +207,7 @@ def test_relay_parent_sigkill_keeps_handed_over_spans(
             from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
             from opentelemetry.trace import SpanKind
             from observability.relay import HAND_OVER_S, ExportSettings, SpanRelay
-            from observability.rpcspans import RpcSpanFactory
+            from observability.rpcspans import RpcSpan, RpcSpanFactory
 
             settings = ExportSettings(endpoint={collector.endpoint!r})
             relay = SpanRelay(Resource.create(), "jobledger", settings)
@@ -268,7 +269,7 @@ def test_relay_drops_spans_beyond_the_queue(
     assert "12 spans dropped: more than OTEL_BSP_MAX_QUEUE_SIZE=8" in caplog.text
 
 
-def test_relay_without_export_process_loses_spans_and_says_so(
+def test_relay_without_child_loses_spans(
     collector: TraceCollector, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
@@ -293,3 +294,73 @@ def wait_gone(pid: int, timeout_s: float = 30.0) -> None:
             return
         assert time.monotonic() < deadline, f"process {pid} still runs"
         time.sleep(0.05)
+
+
+class Outcome(enum.IntEnum):
+    ACCEPTED = 1
+
+
+class Phase(enum.StrEnum):
+    SNAPSHOT = "snapshot"
+
+
+def test_relay_enum_attributes_exported_as_values(
+    tracing: Tracing, collector: TraceCollector
+) -> None:
+    span = tracing.factory.start("/jobledger.Test/Call", SpanKind.SERVER, None, {})
+    span.set_attribute("outcome", Outcome.ACCEPTED)
+    span.set_attribute("phase", Phase.SNAPSHOT)
+    span.end()
+    tracing.rpc_spans(3)
+    assert tracing.relay.force_flush(30_000)
+    (exported,) = [s for s in collector.spans() if len(s.attributes) > 2]
+    values = {kv.key: kv.value for kv in exported.attributes}
+    assert values["outcome"].int_value == 1
+    assert values["phase"].string_value == "snapshot"
+    assert indexes(collector) == [0, 1, 2]
+
+
+def test_relay_unencodable_span_dropped_alone(
+    tracing: Tracing, collector: TraceCollector, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A value stored without the checks of set_attribute, as the inline
+    # path of annotate_rpc stores them.
+    span = tracing.factory.start("/jobledger.Test/Call", SpanKind.SERVER, None, {})
+    assert isinstance(span, RpcSpan)
+    span.attributes["outcome"] = Outcome.ACCEPTED
+    span.end()
+    tracing.rpc_spans(3)
+    assert tracing.relay.force_flush(30_000)
+    assert indexes(collector) == [0, 1, 2]
+    assert "1 spans dropped: an attribute value is not a plain" in caplog.text
+
+
+def test_relay_flush_false_when_export_fails() -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    tracing = Tracing(ExportSettings(endpoint=closed, export_timeout_s=1.0))
+    try:
+        tracing.rpc_spans(5)
+        assert not tracing.relay.force_flush(30_000)
+    finally:
+        tracing.shutdown()
+
+
+def test_relay_flush_keeps_its_timeout_with_stopped_child(
+    tracing: Tracing,
+) -> None:
+    child = tracing.relay.child_pid
+    assert child is not None
+    os.kill(child, signal.SIGSTOP)
+    try:
+        # More than the pipe holds, so that the hand-over blocks on it.
+        for _ in range(20):
+            tracing.rpc_spans(1000)
+            time.sleep(relay.HAND_OVER_S)
+        started = time.monotonic()
+        flushed = tracing.relay.force_flush(500)
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(child, signal.SIGCONT)
+    assert not flushed
+    # Well under the write timeout, which a flush used to wait out.
+    assert elapsed < relay.WRITE_TIMEOUT_S - 1, elapsed

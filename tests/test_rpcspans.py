@@ -464,6 +464,7 @@ TRACEPARENTS = {
     "underscore": "00-0af7651916cd43dd8448eb211c80_19c-b7ad6b7169203331-01",
     "empty": "",
     "junk": "not-a-traceparent",
+    "longer than 512": f"01-{VALID_IDS}-01-{'a' * 500}",
 }
 
 
@@ -493,6 +494,17 @@ def test_remote_parent_as_propagator(name: str, trace_state: str) -> None:
     assert parsed is not None
     assert parsed.span_context() == expected
     assert parsed.span_context().trace_state == expected.trace_state
+
+
+def test_remote_parent_long_tracestate_dropped() -> None:
+    long_state = ",".join(f"k{index}=" + "v" * 200 for index in range(41))
+    carrier = {"traceparent": TRACEPARENTS["valid"], "tracestate": long_state}
+    expected = trace.get_current_span(extract(carrier)).get_span_context()
+    metadata = MetadataContext(tuple(carrier.items()))
+    parsed = remote_parent(carrier["traceparent"], metadata)
+    assert parsed is not None
+    assert parsed.span_context() == expected
+    assert parsed.trace_state is None
 
 
 def test_remote_parent_rejects_bytes() -> None:
