@@ -79,8 +79,8 @@ class Engine:
         # kept for inspection only.
         self.last_state = self.state
         self.lease: Lease | None = None
-        # The epoch this coordinator leads at, or 0 while it stands by: the
-        # lease's, kept apart because every traced RPC reads it.
+        # The epoch this coordinator leads at, or 0 while it is a standby.
+        # It copies the lease's, because every traced RPC reads it.
         self.epoch = 0
         self.leader_address = ""
         self._durable_seq = 0

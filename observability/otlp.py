@@ -16,7 +16,6 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -217,13 +216,13 @@ def encode_span(span: RpcSpan) -> bytes:
     return b"".join(parts)
 
 
-# A span as the coordinator hands it to the export process: trace id, span
-# id, parent span id (0 for none), whether the parent is remote, name, kind
-# (SpanKind's value), start and end in ns since the epoch, attributes,
-# status code (StatusCode's value) and status message. A tuple of plain
-# values, which marshal writes quickly and the garbage collector stops
-# tracking. A span with events, links, a trace state or dropped counts is
-# encoded in full instead.
+# A span as the coordinator hands it to the export process. Its fields are:
+# trace id, span id, parent span id (0 for none), whether the parent is
+# remote, name, kind (SpanKind's value), start and end in ns since the
+# epoch, attributes, status code (StatusCode's value) and status message.
+# It is a tuple of plain values, because marshal writes those quickly and
+# the garbage collector stops tracking them. A span with events, links, a
+# trace state or dropped counts is encoded in full instead.
 SpanRecord = (
     tuple[int, int, int, bool, str, int, int, int, dict[str, Any], int, str] | bytes
 )
@@ -354,9 +353,6 @@ class EncodedSpans:
     def __init__(self, payload: bytes, count: int) -> None:
         self.payload = payload
         self.count = count
-
-
-__all__ = ["encode_spans"]
 
 
 class SpanExporter(OTLPSpanExporter):

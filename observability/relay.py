@@ -41,13 +41,13 @@ import time
 from typing import IO
 
 from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from observability.otlp import (
     SpanRecord,
     encode_request,
-    encode_spans,
     scope_fields,
     span_record,
 )
@@ -246,13 +246,13 @@ class SpanRelay(SpanProcessor):
         try:
             payload = marshal.dumps((self._scope, records, sdk))
         except ValueError:
-            kept = [record for record in records if _marshals(record)]
+            encodable = [record for record in records if _marshals(record)]
             logger.error(
                 "%d spans dropped: an attribute value is not a plain str, int, "
                 "float, bool or bytes",
-                len(records) - len(kept),
+                len(records) - len(encodable),
             )
-            records = kept
+            records = encodable
             payload = marshal.dumps((self._scope, records, sdk))
         return payload, len(records) + len(sdk_spans)
 
@@ -638,8 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     # A Ctrl-C at a terminal reaches the whole process group, and so do
     # the SIGTERM of a service manager (systemd's KillMode=control-group),
     # of GNU timeout or of `kill -TERM -PGID`, and the SIGHUP of a closed
-    # terminal; the child stops when its parent closes the pipe, or dies,
-    # after the last spans.
+    # terminal. So the child ignores them, and stops after the last spans
+    # when its parent closes the pipe or dies.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(

@@ -21,7 +21,6 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.util.types import AttributeValue
 
 from observability.rpcspans import RpcSpanFactory
 from observability.settings import TelemetrySettings
@@ -42,13 +41,6 @@ def tracing_enabled() -> bool:
     return _active is not None and _active.settings.tracing
 
 
-def traces_service(service: str) -> bool:
-    """Return whether RPCs of the full gRPC ``service`` name are traced."""
-    if _active is None or not _active.settings.tracing:
-        return False
-    return service not in _active.settings.excluded_services
-
-
 def rpc_spans_for(service: str) -> RpcSpanFactory | None:
     """Return the factory of RPC spans if calls of the full gRPC ``service``
     name are traced, else None."""
@@ -58,6 +50,11 @@ def rpc_spans_for(service: str) -> RpcSpanFactory | None:
     if service in active.settings.excluded_services:
         return None
     return active.rpc_spans
+
+
+def traces_service(service: str) -> bool:
+    """Return whether RPCs of the full gRPC ``service`` name are traced."""
+    return rpc_spans_for(service) is not None
 
 
 def tracer() -> trace.Tracer:
@@ -70,23 +67,6 @@ def tracer() -> trace.Tracer:
     if _active is not None and _active.tracer is not None:
         return _active.tracer
     return trace.get_tracer(TRACER_NAME)
-
-
-def start_rpc_span(
-    name: str,
-    kind: trace.SpanKind,
-    parent: trace.SpanContext | None,
-    attributes: dict[str, AttributeValue],
-) -> trace.Span:
-    """Start the span of one RPC below ``parent`` (valid), or a root span if None.
-
-    The span is a cheap ``RpcSpan`` when sampled, a non-recording span with
-    the trace context otherwise, and ``INVALID_SPAN`` when tracing is off.
-    Takes ownership of ``attributes``.
-    """
-    if _active is None or _active.rpc_spans is None:
-        return trace.INVALID_SPAN
-    return _active.rpc_spans.start(name, kind, parent, attributes)
 
 
 class _EpochStamper(SpanProcessor):
@@ -174,9 +154,9 @@ class Telemetry:
         assert settings.traces_endpoint is not None
         provider = TracerProvider(resource=self.resource, sampler=settings.sampler())
         provider.add_span_processor(self._epoch)
-        # The export process makes its own exporter; this one checks the
+        # The export process makes its own exporter. This one checks the
         # OTEL_EXPORTER_OTLP_* settings here, where a bad one stops the
-        # start, and tells the export timeout.
+        # start, and gives the export timeout.
         try:
             probe = SpanExporter(
                 endpoint=settings.traces_endpoint, insecure=settings.insecure

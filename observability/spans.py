@@ -48,9 +48,8 @@ from observability.propagation import (
 )
 from observability.rpcspans import RemoteParent, RpcSpan, RpcSpanFactory
 from observability.setup import (
-    start_rpc_span,
+    rpc_spans_for,
     tracer,
-    traces_service,
     tracing_enabled,
 )
 from protos import jobledger_events_pb2 as pb
@@ -435,10 +434,11 @@ async def call_traced(
     instrumentation's client interceptor would send it. With tracing off
     the call is made as it is.
     """
-    if not traces_service(service):
+    factory = rpc_spans_for(service)
+    if factory is None:
         return await call(metadata)
     parent = trace.get_current_span().get_span_context()
-    span = start_rpc_span(
+    span = factory.start(
         f"/{service}/{method}",
         SpanKind.CLIENT,
         parent if parent.is_valid else None,

@@ -1,7 +1,7 @@
 """The span relay under faults, with real processes on 127.0.0.1.
 
 A real coordinator (and workers) export to a collector that this test
-process serves; the coordinator, its export process and the process group
+process serves. The coordinator, its export process and the process group
 are killed, stopped and terminated, and the collector is missing, late or
 stuck. Bounds are the relay's own: a process exits within one export
 timeout (OTEL_EXPORTER_OTLP_TIMEOUT) and ``relay.EXIT_GRACE_S``.
@@ -278,8 +278,8 @@ async def test_coordinator_sigkill_keeps_spans_no_orphan(
     coordinators: list[CoordinatorProcess],
     reaper: Reaper,
 ) -> None:
-    # The spans wait in the export process for the 5 s schedule delay; a
-    # SIGKILL of the coordinator ends its input, and it sends them then.
+    # The spans wait in the export process for the 5 s schedule delay. A
+    # SIGKILL of the coordinator ends its input, so it sends them then.
     tracing_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
     coordinator, child = await start_coordinator(tmp_path, coordinators, reaper)
     await call(coordinator, 30)
@@ -350,7 +350,8 @@ async def test_export_child_sigkill_is_replaced_while_serving(
     coordinator, first = await start_coordinator(tmp_path, coordinators, reaper)
     assert coordinator.process is not None
     os.kill(first, signal.SIGKILL)
-    # Calls go on while no export process runs; their spans are lost. A
+
+    # Calls go on while no export process runs, and their spans are lost. A
     # hand-over with spans to send starts the next one, RESPAWN_S after
     # the first.
     deadline = time.monotonic() + relay.RESPAWN_S + 25
@@ -363,12 +364,14 @@ async def test_export_child_sigkill_is_replaced_while_serving(
         assert time.monotonic() < deadline, "no new export process"
         await call(coordinator, 5)
         await asyncio.sleep(0.02)
+
     second = reaper.track(children[0])
     before = overview_spans(collector)
     await call(coordinator, 20)
     await wait_overview_spans(collector, before + 20)
     assert await coordinator.terminate(30) == 0
     wait_gone(second)
+
     log = log_of(coordinator)
     assert f"span export process {first} exited with status -9" in log
     assert "Traceback" not in log
@@ -500,7 +503,7 @@ async def test_orphaned_child_exits_in_export_timeout(
     reaper: Reaper,
 ) -> None:
     # The collector takes the first export and never replies. The
-    # coordinator dies while that export runs; its export process must
+    # coordinator dies while that export runs. Its export process must
     # still give up within one export timeout of losing its input, not
     # one export timeout after the export in flight.
     timeout_s = 8
@@ -540,7 +543,7 @@ async def test_orphaned_child_exits_in_export_timeout(
         ("OTEL_EXPORTER_OTLP_COMPRESSION", "zip"),
     ],
 )
-def test_bad_setting_stops_the_start_with_one_line_naming_it(
+def test_bad_setting_stops_start(
     variable: str, value: str, tmp_path: Path, reaper: Reaper
 ) -> None:
     env = {
