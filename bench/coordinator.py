@@ -1254,8 +1254,18 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="measure only AcknowledgeCheckpoint with tracing off and on",
     )
+    parser.add_argument(
+        "--repetitions",
+        type=int,
+        default=None,
+        help="runs of each case, taking turns (default: 3); the median counts",
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
+    if args.repetitions is not None:
+        if args.repetitions < 1:
+            parser.error(f"--repetitions {args.repetitions}: give 1 or more")
+        settings = dataclasses.replace(settings, repetitions=args.repetitions)
     with tempfile.TemporaryDirectory(prefix="jobledger-bench-", dir=args.dir) as name:
         folder = Path(name)
         mode = "quick" if settings.quick else "full"

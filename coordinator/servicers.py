@@ -62,6 +62,7 @@ def rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
     servicer_class = method.__qualname__.partition(".")[0]
     service = _service_names.get(servicer_class, servicer_class)
     traced = name not in UNTRACED_METHODS
+    route = spans.RpcRoute(service, name)
 
     @functools.wraps(method)
     async def handle(
@@ -70,7 +71,7 @@ def rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
         factory = rpc_spans_for(service) if traced else None
         if factory is not None:
             return await spans.serve_traced(
-                factory, service, name, context, answer, self, request
+                factory, route, context, answer, self, request
             )
         return await answer(self, request, context)
 

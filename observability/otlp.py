@@ -24,7 +24,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import Link, SpanContext, TraceState
 from opentelemetry.util import types
 
-from observability.rpcspans import RpcSpan
+from observability.rpcspans import RpcSpan, remote_parent
+from observability.rpcspans import SpanRecord as PlainRecord
 
 logger = logging.getLogger(__name__)
 
@@ -216,37 +217,15 @@ def encode_span(span: RpcSpan) -> bytes:
     return b"".join(parts)
 
 
-# A span as the coordinator hands it to the export process. Its fields are:
-# trace id, span id, parent span id (0 for none), whether the parent is
-# remote, name, kind (SpanKind's value), start and end in ns since the
-# epoch, attributes, status code (StatusCode's value) and status message.
-# It is a tuple of plain values, because marshal writes those quickly and
-# the garbage collector stops tracking them. A span with events, links, a
-# trace state or dropped counts is encoded in full instead.
-SpanRecord = (
-    tuple[int, int, int, bool, str, int, int, int, dict[str, Any], int, str] | bytes
-)
+# A span as it leaves the coordinator: the ``RpcSpan.record`` of a plain
+# span, or the encoded bytes of a span with events, links, a trace state or
+# dropped counts.
+SpanRecord = PlainRecord | bytes
 
 
 def span_record(span: RpcSpan) -> SpanRecord:
     """Return the record of an ended ``span``; see ``SpanRecord``."""
-    if not span.plain:
-        return encode_span(span)
-    parent = span.parent
-    status = span.status
-    return (
-        span.trace_id,
-        span.span_id,
-        0 if parent is None else parent.span_id,
-        parent is not None and parent.is_remote,
-        span.name,
-        span.kind.value,
-        span.start_time,
-        span.end_time or 0,
-        span.attributes,
-        status.status_code.value,
-        status.description or "",
-    )
+    return span.record() if span.plain else encode_span(span)
 
 
 def encode_record(record: SpanRecord) -> bytes:
@@ -254,10 +233,10 @@ def encode_record(record: SpanRecord) -> bytes:
     if isinstance(record, bytes):
         return record
     (
-        trace_id,
+        first,
         span_id,
-        parent_id,
-        remote,
+        third,
+        fourth,
         name,
         kind,
         start,
@@ -266,12 +245,21 @@ def encode_record(record: SpanRecord) -> bytes:
         code,
         message,
     ) = record
+    trace_id: int
+    parent_id: int
+    remote: bool
+    trace_state = b""
+    if type(first) is str:
+        trace_id, parent_id, remote, trace_state = _caller(first, third, fourth)
+    else:
+        trace_id, parent_id, remote = first, third, fourth
     return b"".join(
         (
             b"\x0a\x10",
             trace_id.to_bytes(16, "big"),
             b"\x12\x08",
             span_id.to_bytes(8, "big"),
+            trace_state,
             b"\x22\x08" + parent_id.to_bytes(8, "big") if parent_id else b"",
             _name_and_kind(name, kind),
             _TIMES.pack(0x39, start, 0x41, end),
@@ -280,6 +268,22 @@ def encode_record(record: SpanRecord) -> bytes:
             _REMOTE_END if remote else _LOCAL_END,
         )
     )
+
+
+def _caller(
+    traceparent: str, tracestate: Any, fallback_trace_id: Any
+) -> tuple[int, int, bool, bytes]:
+    """Read the caller's headers of a record as ``RpcSpan`` would have.
+
+    Returns the trace id, the parent span id (0 for none), whether there is
+    a remote parent and the encoded trace state field.
+    """
+    parent = remote_parent(traceparent, tracestate)
+    if parent is None:
+        return fallback_trace_id, 0, False, b""
+    state = _trace_state(parent.trace_state) if parent.trace_state else ""
+    field = _field(b"\x1a", state.encode()) if state else b""
+    return parent.trace_id, parent.span_id, True, field
 
 
 # The start and end times: a fixed64 field 7 and a fixed64 field 8.

@@ -48,8 +48,8 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from observability.otlp import (
     SpanRecord,
     encode_request,
+    encode_span,
     scope_fields,
-    span_record,
 )
 from observability.rpcspans import RpcSpan
 
@@ -118,7 +118,6 @@ class SpanRelay(SpanProcessor):
         settings: ExportSettings,
         command: list[str] | None = None,
     ) -> None:
-        self._record = span_record
         self._scope = scope_fields(resource, scope_name)
         self.settings = settings
         # Read on every span.
@@ -161,8 +160,9 @@ class SpanRelay(SpanProcessor):
         item: ReadableSpan | SpanRecord
         if kind is RpcSpan:
             # Only the span's values are kept: the object goes at once, so
-            # the garbage collector never has to track it.
-            item = self._record(span)  # type: ignore[arg-type]
+            # the garbage collector never has to track it. As span_record,
+            # with one call less.
+            item = span.record() if span.plain else encode_span(span)  # type: ignore[attr-defined,arg-type]
         elif span.context.trace_flags.sampled:
             item = span
         else:

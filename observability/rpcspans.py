@@ -17,6 +17,7 @@ queue limits and shutdown apply to it unchanged.
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 from collections.abc import Callable, Mapping
 from random import getrandbits
@@ -46,6 +47,11 @@ _SCALARS = (str, bool, int, float)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _UNSET = Status(StatusCode.UNSET)
+_UNSET_VALUE = StatusCode.UNSET.value
+_SERVER = SpanKind.SERVER
+_SERVER_VALUE = SpanKind.SERVER.value
+_CLIENT = SpanKind.CLIENT
+_CLIENT_VALUE = SpanKind.CLIENT.value
 
 
 class RemoteParent:
@@ -76,6 +82,57 @@ class RemoteParent:
         """Return the same span context as a ``SpanContext``."""
         flags = TraceFlags(self.trace_flags)
         return SpanContext(self.trace_id, self.span_id, True, flags, self.trace_state)
+
+
+# The maximum lengths of the traceparent and tracestate headers that the W3C
+# propagator of OpenTelemetry reads. It ignores longer ones.
+_TRACEPARENT_MAX_LENGTH = 512
+_TRACESTATE_MAX_LENGTH = 8192
+# A W3C traceparent header: version, trace id, parent span id, flags, and
+# whatever a later version adds, with optional blanks around it.
+_TRACEPARENT = re.compile(
+    r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*"
+)
+# The length of a traceparent of version 00, and the last digits of its
+# flags that have the sampled bit set.
+_TRACEPARENT_LENGTH = 55
+_SAMPLED_LAST_DIGITS = frozenset("13579bdf")
+
+
+def remote_parent(traceparent: object, tracestate: object) -> RemoteParent | None:
+    """Return the caller's span that a call's ``traceparent`` names, if valid.
+
+    ``tracestate`` is the call's tracestate entry, or None. Accepts and
+    rejects what the W3C trace-context propagator does, in fewer steps.
+    """
+    if type(traceparent) is not str or len(traceparent) > _TRACEPARENT_MAX_LENGTH:
+        return None
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is None:
+        return None
+    version, trace_hex, span_hex, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    trace_id = int(trace_hex, 16)
+    span_id = int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    trace_state = None
+    if type(tracestate) is str and len(tracestate) <= _TRACESTATE_MAX_LENGTH:
+        trace_state = TraceState.from_header([tracestate])
+    return RemoteParent(trace_id, span_id, int(flags, 16), trace_state)
+
+
+# A plain span as the coordinator hands it to the export process, made by
+# ``RpcSpan.record``. Its fields are: trace id, span id, parent span id (0
+# for none), whether the parent is remote, name, kind (SpanKind's value),
+# start and end in ns since the epoch, attributes, status code
+# (StatusCode's value) and status message. A span whose caller's
+# traceparent is still unread has instead, in the first four: that header,
+# the span id, the caller's tracestate (or None) and the trace id to use if
+# the header is invalid. A record is a tuple of plain values, because
+# marshal writes those quickly and the garbage collector stops tracking them.
+SpanRecord = tuple[Any, int, Any, Any, str, int, int, int, dict[str, Any], int, str]
 
 
 class RpcSpanFactory:
@@ -121,6 +178,53 @@ class RpcSpanFactory:
         self.limits = SpanLimits()
         self.max_attributes = _max(self.limits.max_span_attributes)
         self.max_length = self.limits.max_span_attribute_length
+
+    def start_served(
+        self,
+        name: str,
+        traceparent: str | None,
+        tracestate: str | None,
+        attributes: dict[str, types.AttributeValue],
+    ) -> trace.Span:
+        """Start the SERVER span of a call that carried ``traceparent``, or none.
+
+        ``tracestate`` is the call's tracestate entry, or None. As ``start``
+        for the rest. A version-00 traceparent whose flags are odd leaves the
+        span sampled under the default sampler whether it is valid (a sampled
+        parent) or not (no parent). Such a span keeps the header as it came,
+        and it is read only when something asks for the span's context, or in
+        the export process. Every traced call from a worker carries one.
+        """
+        if traceparent is None:
+            return self.start(name, _SERVER, None, attributes)
+        if (
+            self.parent_or_always_on
+            and len(traceparent) == _TRACEPARENT_LENGTH
+            and traceparent[-1] in _SAMPLED_LAST_DIGITS
+        ):
+            # The trace id of the span if the header turns out invalid.
+            if self.random_ids:
+                trace_id = getrandbits(128) or self.id_generator.generate_trace_id()
+                span_id = getrandbits(64) or self.id_generator.generate_span_id()
+            else:
+                trace_id = self.id_generator.generate_trace_id()
+                span_id = self.id_generator.generate_span_id()
+            attributes[self.epoch_attribute] = self.epoch()
+            span = RpcSpan(
+                self,
+                name,
+                _SERVER,
+                trace_id,
+                span_id,
+                traceparent,
+                tracestate,
+                attributes,
+            )
+            if self.max_length is not None or len(attributes) > self.max_attributes:
+                self._apply_limits(span)
+            return span
+        parent = remote_parent(traceparent, tracestate)
+        return self.start(name, _SERVER, parent, attributes)
 
     def start(
         self,
@@ -192,19 +296,24 @@ class RpcSpan(trace.Span):
     with strings cut to the attribute length limit. Sequences and invalid
     values go through the SDK's ``BoundedAttributes`` checks. Not thread-safe: the
     coordinator changes a span only from its event loop.
+
+    A span started with its caller's traceparent still unread (a ``str``
+    ``parent``, see ``RpcSpanFactory.start_served``) reads it on the first
+    access to ``trace_id``, ``parent`` or ``trace_state``. Until then its
+    ``record`` carries the header, for the export process to read.
     """
 
     __slots__ = (
+        "_parent",
+        "_trace_id",
+        "_trace_state",
         "attributes",
         "end_time",
         "factory",
         "kind",
         "name",
-        "parent",
         "span_id",
         "start_time",
-        "trace_id",
-        "trace_state",
     )
 
     # Most spans keep these defaults, so they are class attributes until a
@@ -227,22 +336,100 @@ class RpcSpan(trace.Span):
         kind: SpanKind,
         trace_id: int,
         span_id: int,
-        parent: SpanContext | RemoteParent | None,
-        trace_state: TraceState | None,
+        parent: SpanContext | RemoteParent | str | None,
+        trace_state: TraceState | str | None,
         attributes: dict[str, types.AttributeValue],
     ) -> None:
+        """``parent`` may be a caller's traceparent header, not yet read, and
+        ``trace_state`` then the caller's tracestate header or None;
+        ``trace_id`` is the span's trace id if the header is invalid."""
         self.factory = factory
         self.name = name
         self.kind = kind
-        self.trace_id = trace_id
+        self._trace_id = trace_id
         self.span_id = span_id
-        self.parent = parent
-        self.trace_state = trace_state
-        if trace_state:
+        self._parent = parent
+        self._trace_state = trace_state
+        if trace_state and type(parent) is not str:
             self.plain = False
         self.attributes = attributes
         self.end_time: int | None = None
         self.start_time = time_ns()
+
+    @property
+    def trace_id(self) -> int:
+        if type(self._parent) is str:
+            self._read_caller()
+        return self._trace_id
+
+    @property
+    def parent(self) -> SpanContext | RemoteParent | None:
+        parent = self._parent
+        if type(parent) is str:
+            self._read_caller()
+            parent = self._parent
+        return parent  # type: ignore[return-value]
+
+    @property
+    def trace_state(self) -> TraceState | None:
+        if type(self._parent) is str:
+            self._read_caller()
+        return self._trace_state  # type: ignore[return-value]
+
+    def record(self) -> SpanRecord:
+        """Return this ended span's values as ``SpanRecord`` lays them out.
+
+        For a plain span only (see ``plain``).
+        """
+        parent = self._parent
+        first: Any
+        third: Any
+        fourth: Any
+        if isinstance(parent, str):
+            first, third, fourth = parent, self._trace_state, self._trace_id
+        elif parent is None:
+            first, third, fourth = self._trace_id, 0, False
+        else:
+            first, third, fourth = self._trace_id, parent.span_id, parent.is_remote
+        # Enum values are read through a property, costly on this path.
+        kind = self.kind
+        if kind is _SERVER:
+            kind_value = _SERVER_VALUE
+        elif kind is _CLIENT:
+            kind_value = _CLIENT_VALUE
+        else:
+            kind_value = kind.value
+        status = self.status
+        if status is _UNSET:
+            code, message = _UNSET_VALUE, ""
+        else:
+            code, message = status.status_code.value, status.description or ""
+        return (
+            first,
+            self.span_id,
+            third,
+            fourth,
+            self.name,
+            kind_value,
+            self.start_time,
+            self.end_time or 0,
+            self.attributes,
+            code,
+            message,
+        )
+
+    def _read_caller(self) -> None:
+        parent = remote_parent(self._parent, self._trace_state)
+        if parent is None:
+            # An invalid header: the span is the root of a trace of its own.
+            self._parent = None
+            self._trace_state = None
+            return
+        self._trace_id = parent.trace_id
+        self._parent = parent
+        self._trace_state = parent.trace_state
+        if parent.trace_state:
+            self.plain = False
 
     # Span processors read ``span.context``, as of the SDK's ReadableSpan.
     @property

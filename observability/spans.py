@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
 from typing import TypeVar
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import (
     Link,
     Span,
     SpanKind,
     Status,
     StatusCode,
-    TraceState,
 )
 from opentelemetry.util.types import AttributeValue
 
@@ -46,7 +44,7 @@ from observability.propagation import (
     has_span,
     inject,
 )
-from observability.rpcspans import RemoteParent, RpcSpan, RpcSpanFactory
+from observability.rpcspans import RpcSpan, RpcSpanFactory
 from observability.setup import (
     rpc_spans_for,
     tracer,
@@ -236,10 +234,10 @@ def annotate_rpc(**attributes: str | int) -> None:
 
     Keyword ``checkpoint`` becomes ``jobledger.checkpoint.id`` and so on, by
     the constants of this module; any other key is prefixed ``jobledger.``.
-    Does nothing outside ``serve_traced`` or when the span is not recorded.
+    Does nothing outside ``serve_traced`` or when its span is not recorded.
     """
-    span = _rpc_span.get()
-    if span is None:
+    span = _get_current().get(_SPAN_KEY)
+    if type(span) is not RpcSpan:
         return
     stored = span.attributes
     factory = span.factory
@@ -317,16 +315,31 @@ def use(span: Span | None) -> contextlib.AbstractContextManager[object]:
     return trace.use_span(span, end_on_exit=False)
 
 
-_rpc_span: ContextVar[RpcSpan | None] = ContextVar("jobledger_rpc_span", default=None)
-
 Servicer = TypeVar("Servicer")
 Request = TypeVar("Request")
 
 
+class RpcRoute:
+    """The span name and attributes of one traced RPC method, made once."""
+
+    __slots__ = ("attributes", "method", "name", "service")
+
+    def __init__(self, service: str, method: str) -> None:
+        """``service`` is the full gRPC service name, ``method`` the method's."""
+        self.service = service
+        self.method = method
+        self.name = f"/{service}/{method}"
+        # Each span starts with a copy.
+        self.attributes: dict[str, AttributeValue] = {
+            "rpc.system": "grpc",
+            "rpc.service": service,
+            "rpc.method": method,
+        }
+
+
 async def serve_traced(
     factory: RpcSpanFactory,
-    service: str,
-    method: str,
+    route: RpcRoute,
     context: grpc.aio.ServicerContext,
     answer: Callable[[Servicer, Request, grpc.aio.ServicerContext], Awaitable[T]],
     servicer: Servicer,
@@ -334,12 +347,12 @@ async def serve_traced(
 ) -> T:
     """Await ``answer(servicer, request, context)`` inside a SERVER span of the RPC.
 
-    ``factory`` is ``rpc_spans_for(service)``, for a call that is traced.
-    The span is a child of the caller's span when the call carries a W3C
-    ``traceparent`` metadata entry, as the gRPC instrumentation of a client
-    sends it, and the root of a trace otherwise. An RPC that aborts gets the
-    status code it aborted with. Written without context managers or
-    closures, since it runs on every RPC.
+    ``factory`` is ``rpc_spans_for(route.service)``, for a call that is
+    traced. The span is a child of the caller's span when the call carries a
+    W3C ``traceparent`` metadata entry, as the gRPC instrumentation of a
+    client sends it, and the root of a trace otherwise. An RPC that aborts
+    gets the status code it aborted with. Written without context managers
+    or closures, since it runs on every RPC.
     """
     # The last entry of each counts, as in a carrier dict of the metadata.
     traceparent = tracestate = None
@@ -348,24 +361,15 @@ async def serve_traced(
             traceparent = value
         elif key == "tracestate":
             tracestate = value
-    parent = None
-    if traceparent is not None:
-        parent = remote_parent(traceparent, tracestate)
-    span = factory.start(
-        f"/{service}/{method}",
-        SpanKind.SERVER,
-        parent,
-        {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+    span = factory.start_served(
+        route.name, traceparent, tracestate, route.attributes.copy()
     )
     # The span stays current after the call, not reset: gRPC serves each
     # call in an asyncio task of its own, which ends with it, and each reset
     # costs the hot path. The task starts with an empty context, so the
-    # span's context contains the span alone, as set_span_in_context would make
-    # it from the empty one.
-    otel_context.attach(Context({_SPAN_KEY: span}))
-    # annotate_rpc finds the span here, cheaper than in the OpenTelemetry
-    # context, and only while it records.
-    _rpc_span.set(span if type(span) is RpcSpan else None)
+    # span's context contains the span alone, as set_span_in_context would
+    # make it from the empty one.
+    _attach(Context({_SPAN_KEY: span}))
     try:
         return await answer(servicer, request, context)
     except BaseException as exc:
@@ -382,40 +386,15 @@ async def serve_traced(
 # what set_span_in_context makes, so that serve_traced can build its context
 # in one step.
 (_SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, Context())
-# The maximum lengths of the traceparent and tracestate headers that the W3C
-# propagator of OpenTelemetry reads. It ignores longer ones.
-_TRACEPARENT_MAX_LENGTH = 512
-_TRACESTATE_MAX_LENGTH = 8192
-# A W3C traceparent header: version, trace id, parent span id, flags, and
-# whatever a later version adds, with optional blanks around it.
-_TRACEPARENT = re.compile(
-    r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*"
-)
-
-
-def remote_parent(traceparent: object, tracestate: object) -> RemoteParent | None:
-    """Return the caller's span that a call's ``traceparent`` names, if valid.
-
-    ``tracestate`` is the call's tracestate entry, or None. Accepts and
-    rejects what the W3C trace-context propagator does, in fewer steps: it
-    runs for every traced call that a worker makes.
-    """
-    if type(traceparent) is not str or len(traceparent) > _TRACEPARENT_MAX_LENGTH:
-        return None
-    match = _TRACEPARENT.fullmatch(traceparent)
-    if match is None:
-        return None
-    version, trace_hex, span_hex, flags, rest = match.groups()
-    if version == "ff" or (version == "00" and rest):
-        return None
-    trace_id = int(trace_hex, 16)
-    span_id = int(span_hex, 16)
-    if not trace_id or not span_id:
-        return None
-    trace_state = None
-    if type(tracestate) is str and len(tracestate) <= _TRACESTATE_MAX_LENGTH:
-        trace_state = TraceState.from_header([tracestate])
-    return RemoteParent(trace_id, span_id, int(flags, 16), trace_state)
+# The OpenTelemetry context of the running code is a context variable, with
+# the default runtime context. Setting and reading it directly saves the
+# calls of attach and get_current on every RPC.
+_attach: Callable[[Context], object] = otel_context.attach
+_get_current: Callable[[], Context] = otel_context.get_current
+_runtime = otel_context._RUNTIME_CONTEXT
+if type(_runtime) is ContextVarsRuntimeContext:
+    _attach = _runtime._current_context.set
+    _get_current = _runtime._current_context.get
 
 
 Metadata = tuple[tuple[str, str], ...]

@@ -54,9 +54,9 @@ from observability.otlp import (
     span_record,
 )
 from observability.propagation import extract
-from observability.rpcspans import RpcSpan, RpcSpanFactory
+from observability.rpcspans import RpcSpan, RpcSpanFactory, remote_parent
 from observability.settings import TelemetrySettings
-from observability.spans import annotate_rpc, call_traced, remote_parent, serve_traced
+from observability.spans import RpcRoute, annotate_rpc, call_traced, serve_traced
 from tests.helpers.otlp_collector import TraceCollector, running_collector
 
 EPOCH = "jobledger.leader.epoch"
@@ -503,6 +503,86 @@ def test_remote_parent_rejects_bytes() -> None:
     assert remote_parent(b"00-" + VALID_IDS.encode() + b"-01", None) is None
 
 
+# The SERVER span of a served call: the caller's traceparent read at once,
+# or kept as it came and read later, in the process or in the export process.
+
+
+def served(traceparent: str, tracestate: str | None = None) -> Any:
+    factory = make_factory(CollectingProcessor())
+    return factory.start_served("/jobledger.Test/Call", traceparent, tracestate, {})
+
+
+@pytest.mark.parametrize("name", TRACEPARENTS)
+@pytest.mark.parametrize("trace_state", ["", "vendor=abc,other=x1"])
+def test_served_parent_as_propagator(name: str, trace_state: str) -> None:
+    carrier = {"traceparent": TRACEPARENTS[name]}
+    if trace_state:
+        carrier["tracestate"] = trace_state
+    expected = trace.get_current_span(extract(carrier)).get_span_context()
+    span = served(carrier["traceparent"], carrier.get("tracestate"))
+    if expected.is_valid and not expected.trace_flags.sampled:
+        assert isinstance(span, NonRecordingSpan)
+        assert span.get_span_context().trace_id == expected.trace_id
+        return
+    assert isinstance(span, RpcSpan)
+    span.end(END_NS)
+    # As the export process gets it: the header possibly still unread.
+    exported = trace_pb2.Span.FromString(encode_record(span_record(span)))
+    context = span.get_span_context()
+    assert exported == trace_pb2.Span.FromString(encode_span(span))
+    assert exported.trace_id == context.trace_id.to_bytes(16, "big")
+    assert exported.span_id == context.span_id.to_bytes(8, "big")
+    if expected.is_valid:
+        assert context.trace_id == expected.trace_id
+        assert context.trace_state == expected.trace_state
+        assert span.parent is not None
+        assert span.parent.span_id == expected.span_id
+        assert exported.parent_span_id == expected.span_id.to_bytes(8, "big")
+        assert exported.trace_state == ",".join(
+            f"{key}={value}" for key, value in expected.trace_state.items()
+        )
+        assert exported.flags == 0x300
+    else:
+        assert context.trace_id != 0
+        assert span.parent is None
+        assert exported.parent_span_id == b""
+        assert exported.trace_state == ""
+        assert exported.flags == 0x100
+
+
+@pytest.mark.parametrize("trace_state", [None, "vendor=abc"])
+def test_served_sampled_header_left_unread(trace_state: str | None) -> None:
+    header = TRACEPARENTS["valid"]
+    span = served(header, trace_state)
+    span.end(END_NS)
+    record = span_record(span)
+    assert isinstance(record, tuple)
+    assert record[0] == header
+    assert record[2] == trace_state
+    assert marshal.loads(marshal.dumps(record)) == record
+
+
+def test_served_invalid_header_keeps_one_trace_id() -> None:
+    # An invalid header read in the process and in the export process gives
+    # the span the same trace id of its own.
+    span = served(TRACEPARENTS["55 characters, sign in the id"])
+    span.end(END_NS)
+    exported = trace_pb2.Span.FromString(encode_record(span_record(span)))
+    assert exported.parent_span_id == b""
+    assert exported.trace_id == span.get_span_context().trace_id.to_bytes(16, "big")
+
+
+def test_served_header_read_once() -> None:
+    span = served(TRACEPARENTS["valid"], "vendor=abc")
+    assert span.trace_id == TRACE_ID
+    assert span.parent is not None
+    assert span.parent.span_id == PARENT_ID
+    assert span.trace_state == TraceState([("vendor", "abc")])
+    # Read in the process, the span has a trace state: it is encoded whole.
+    span.end(END_NS)
+    assert span_record(span) == encode_span(span)
+
+
 # RpcSpan semantics.
 
 
@@ -774,6 +854,7 @@ def test_sampling_sampler_attributes_added() -> None:
 
 SERVICE = "jobledger.test.Echo"
 METHOD = "Echo"
+ROUTE = RpcRoute(SERVICE, METHOD)
 
 
 @pytest.fixture
@@ -799,6 +880,9 @@ class EchoServer:
 
     def __init__(self) -> None:
         self.metadata: list[dict[str, str]] = []
+        # The current span context inside each call, when read_current.
+        self.read_current = False
+        self.current: list[SpanContext] = []
         self.handled = 0
         self.server = grpc.aio.server()
         handler = grpc.unary_unary_rpc_method_handler(self.handle)
@@ -818,12 +902,14 @@ class EchoServer:
         assert factory is not None
         try:
             return await serve_traced(
-                factory, SERVICE, METHOD, context, EchoServer.answer, self, request
+                factory, ROUTE, context, EchoServer.answer, self, request
             )
         finally:
             self.handled += 1
 
     async def answer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if self.read_current:
+            self.current.append(trace.get_current_span().get_span_context())
         annotate_rpc(job="job-1", checkpoint=5, phase="echo")
         if request == b"abort":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not now")
@@ -966,3 +1052,57 @@ async def test_export_abort_sets_client_error(
         "FAILED_PRECONDITION"
     )
     assert client.status.message == "FAILED_PRECONDITION: not now"
+
+
+# Whether a call reads its span's context (as a log line does) or not, the
+# caller's headers are read the same, in the process or in the export process.
+
+
+@pytest.mark.parametrize("read_current", [False, True])
+@pytest.mark.parametrize("trace_state", ["", "vendor=abc,other=x1"])
+async def test_export_server_child_of_caller_headers(
+    telemetry: setup.Telemetry,
+    collector: TraceCollector,
+    echo: EchoServer,
+    trace_state: str,
+    read_current: bool,
+) -> None:
+    echo.read_current = read_current
+    metadata = [("traceparent", TRACEPARENTS["valid"])]
+    if trace_state:
+        metadata.append(("tracestate", trace_state))
+    await echo.call(b"hello")(tuple(metadata))
+    await echo.wait_handled(1)
+    telemetry.shutdown()
+    server = by_kind(collector.spans(), SERVER)
+    assert server.trace_id == TRACE_ID.to_bytes(16, "big")
+    assert server.parent_span_id == PARENT_ID.to_bytes(8, "big")
+    assert server.trace_state == trace_state
+    assert server.flags == 0x300
+    if read_current:
+        (current,) = echo.current
+        assert current.trace_id == TRACE_ID
+        assert server.span_id == current.span_id.to_bytes(8, "big")
+
+
+@pytest.mark.parametrize("read_current", [False, True])
+async def test_export_server_root_of_invalid_header(
+    telemetry: setup.Telemetry,
+    collector: TraceCollector,
+    echo: EchoServer,
+    read_current: bool,
+) -> None:
+    echo.read_current = read_current
+    header = TRACEPARENTS["55 characters, sign in the id"]
+    await echo.call(b"hello")((("traceparent", header),))
+    await echo.call(b"hello")((("traceparent", header),))
+    await echo.wait_handled(2)
+    telemetry.shutdown()
+    servers = [span for span in collector.spans() if span.kind == SERVER]
+    assert [span.parent_span_id for span in servers] == [b"", b""]
+    assert [span.flags for span in servers] == [0x100, 0x100]
+    # Each the root of a trace of its own: the one the call saw as current.
+    trace_ids = {span.trace_id for span in servers}
+    assert len(trace_ids) == 2
+    if read_current:
+        assert trace_ids == {c.trace_id.to_bytes(16, "big") for c in echo.current}
