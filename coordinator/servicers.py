@@ -128,7 +128,9 @@ class JobManagerInternalService(fpb_grpc.JobManagerInternalServiceServicer):
         if not request.HasField("job_graph"):
             raise InvalidArgument("job_graph is missing; send the JobGraph to run")
         job_id = await self._engine.execute(jobs.decide_submit, request.job_graph)
-        spans.annotate_rpc(job=job_id, vertices=len(request.job_graph.vertices))
+        spans.annotate_rpc(
+            {spans.JOB: job_id, "jobledger.vertices": len(request.job_graph.vertices)}
+        )
         logger.info("job %s (%s) submitted", job_id, request.job_graph.job_name)
         return fpb.SubmitJobReply(
             success=True, job_id=job_id, message=f"job {job_id} submitted"
@@ -145,11 +147,13 @@ class JobManagerInternalService(fpb_grpc.JobManagerInternalServiceServicer):
             snapshot_handle=request.state_location,
             source_offsets=request.input_offsets,
         )
-        spans.annotate_rpc(checkpoint=request.checkpoint_id, task=ack.task_id)
+        spans.annotate_rpc(
+            {spans.CHECKPOINT: request.checkpoint_id, spans.TASK: ack.task_id}
+        )
         outcome = await self._engine.execute(
             checkpoints.decide_acknowledge, "", request.checkpoint_id, ack
         )
-        spans.annotate_rpc(acknowledgement=outcome.value)
+        spans.annotate_rpc({spans.ACKNOWLEDGEMENT: outcome.value})
         return fpb.ReportStateCompletionReply(ack=outcome != AckOutcome.LATE)
 
     @rpc
@@ -283,12 +287,16 @@ class TaskManagerRegistration(fpb_grpc.TaskManagerRegistrationServicer):
             duration_ms=request.duration,
         )
         spans.annotate_rpc(
-            job=request.job_id, checkpoint=request.checkpoint_id, task=ack.task_id
+            {
+                spans.JOB: request.job_id,
+                spans.CHECKPOINT: request.checkpoint_id,
+                spans.TASK: ack.task_id,
+            }
         )
         outcome = await self._engine.execute(
             checkpoints.decide_acknowledge, request.job_id, request.checkpoint_id, ack
         )
-        spans.annotate_rpc(acknowledgement=outcome.value)
+        spans.annotate_rpc({spans.ACKNOWLEDGEMENT: outcome.value})
         return fpb.AcknowledgeCheckpointResponse(success=outcome != AckOutcome.LATE)
 
 

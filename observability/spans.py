@@ -60,6 +60,7 @@ CHECKPOINT = "jobledger.checkpoint.id"
 TASK = "jobledger.task.id"
 ATTEMPT = "jobledger.task.attempt"
 TASK_MANAGER = "jobledger.task_manager.id"
+ACKNOWLEDGEMENT = "jobledger.acknowledgement"
 
 _NS_PER_MS = 1_000_000
 
@@ -229,12 +230,13 @@ def carrier_for_worker(carrier: Mapping[str, str]) -> dict[str, str]:
     return inject()
 
 
-def annotate_rpc(**attributes: str | int) -> None:
-    """Add ``jobledger.*`` attributes to the span of the RPC being served.
+def annotate_rpc(attributes: dict[str, str | int]) -> None:
+    """Add ``attributes`` to the span of the RPC being served.
 
-    Keyword ``checkpoint`` becomes ``jobledger.checkpoint.id`` and so on, by
-    the constants of this module; any other key is prefixed ``jobledger.``.
-    Does nothing outside ``serve_traced`` or when its span is not recorded.
+    Keys are full attribute names, such as the constants of this module.
+    Values are of type str or int exactly, not of a subclass such as an
+    enum's: the common case stores them without checks. Does nothing
+    outside ``serve_traced`` or when its span is not recorded.
     """
     span = _get_current().get(_SPAN_KEY)
     if type(span) is not RpcSpan:
@@ -246,15 +248,10 @@ def annotate_rpc(**attributes: str | int) -> None:
         and len(stored) + len(attributes) <= factory.max_attributes
         and span.end_time is None
     ):
-        # The common case, inline: values of these types need no checks.
-        for key, value in attributes.items():
-            stored[_ATTRIBUTE_NAMES.get(key) or f"jobledger.{key}"] = value
+        stored.update(attributes)
         return
     for key, value in attributes.items():
-        span.set_attribute(_ATTRIBUTE_NAMES.get(key) or f"jobledger.{key}", value)
-
-
-_ATTRIBUTE_NAMES = {"job": JOB, "checkpoint": CHECKPOINT, "task": TASK}
+        span.set_attribute(key, value)
 
 
 def start_task_checkpoint(

@@ -56,7 +56,14 @@ from observability.otlp import (
 from observability.propagation import extract
 from observability.rpcspans import RpcSpan, RpcSpanFactory, remote_parent
 from observability.settings import TelemetrySettings
-from observability.spans import RpcRoute, annotate_rpc, call_traced, serve_traced
+from observability.spans import (
+    CHECKPOINT,
+    JOB,
+    RpcRoute,
+    annotate_rpc,
+    call_traced,
+    serve_traced,
+)
 from tests.helpers.otlp_collector import TraceCollector, running_collector
 
 EPOCH = "jobledger.leader.epoch"
@@ -910,7 +917,7 @@ class EchoServer:
     async def answer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         if self.read_current:
             self.current.append(trace.get_current_span().get_span_context())
-        annotate_rpc(job="job-1", checkpoint=5, phase="echo")
+        annotate_rpc({JOB: "job-1", CHECKPOINT: 5, "jobledger.phase": "echo"})
         if request == b"abort":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not now")
         return request
