@@ -22,7 +22,7 @@ from coordinator.errors import CommandRejected, InvalidArgument, NotLeader
 from coordinator.ids import split_task_id, task_id
 from eventlog import EventLog, now_ms
 from observability import spans
-from observability.setup import UNTRACED_METHODS, rpc_spans_for
+from observability.setup import UNTRACED_METHODS
 from protos import jobledger_events_pb2 as pb
 from protos import jobledger_services_pb2 as svc
 from protos import jobledger_services_pb2_grpc as svc_grpc
@@ -61,19 +61,6 @@ def rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
     # ("/FlinkDotNet.Proto.TaskManagerRegistration/...").
     servicer_class = method.__qualname__.partition(".")[0]
     service = _service_names.get(servicer_class, servicer_class)
-    traced = name not in UNTRACED_METHODS
-    route = spans.RpcRoute(service, name)
-
-    @functools.wraps(method)
-    async def handle(
-        self: Any, request: Request, context: grpc.aio.ServicerContext
-    ) -> Reply:
-        factory = rpc_spans_for(service) if traced else None
-        if factory is not None:
-            return await spans.serve_traced(
-                factory, route, context, answer, self, request
-            )
-        return await answer(self, request, context)
 
     async def answer(
         self: Any, request: Request, context: grpc.aio.ServicerContext
@@ -96,7 +83,10 @@ def rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
             )
         raise AssertionError("context.abort returned")
 
-    return handle
+    if name in UNTRACED_METHODS:
+        return functools.wraps(method)(answer)
+    handle = spans.traced_rpc(spans.RpcRoute(service, name), answer)
+    return functools.wraps(method)(handle)
 
 
 def _task_of(vertex_id: str, subtask_index: int) -> str:

@@ -160,8 +160,8 @@ class SpanRelay(SpanProcessor):
         item: ReadableSpan | SpanRecord
         if kind is RpcSpan:
             # Only the span's values are kept: the object goes at once, so
-            # the garbage collector never has to track it. As span_record,
-            # with one call less.
+            # the garbage collector never has to track it. This is
+            # span_record, inlined.
             item = span.record() if span.plain else encode_span(span)  # type: ignore[attr-defined,arg-type]
         elif span.context.trace_flags.sampled:
             item = span

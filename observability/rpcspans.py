@@ -117,10 +117,17 @@ def remote_parent(traceparent: object, tracestate: object) -> RemoteParent | Non
     span_id = int(span_hex, 16)
     if not trace_id or not span_id:
         return None
-    trace_state = None
+    return RemoteParent(trace_id, span_id, int(flags, 16), read_tracestate(tracestate))
+
+
+def read_tracestate(tracestate: object) -> TraceState | None:
+    """Return a call's tracestate entry (or None) as the W3C propagator reads it.
+
+    An invalid one gives an empty TraceState, and a warning logged.
+    """
     if type(tracestate) is str and len(tracestate) <= _TRACESTATE_MAX_LENGTH:
-        trace_state = TraceState.from_header([tracestate])
-    return RemoteParent(trace_id, span_id, int(flags, 16), trace_state)
+        return TraceState.from_header([tracestate])
+    return None
 
 
 # A plain span as the coordinator hands it to the export process, made by
@@ -191,9 +198,10 @@ class RpcSpanFactory:
         ``tracestate`` is the call's tracestate entry, or None. As ``start``
         for the rest. A version-00 traceparent whose flags are odd leaves the
         span sampled under the default sampler whether it is valid (a sampled
-        parent) or not (no parent). Such a span keeps the header as it came,
-        and it is read only when something asks for the span's context, or in
-        the export process. Every traced call from a worker carries one.
+        parent) or not (no parent). Such a span keeps the header as it came.
+        The header is read when the span's context is first requested, or
+        else in the export process. Every traced call from a worker carries
+        one.
         """
         if traceparent is None:
             return self.start(name, _SERVER, None, attributes)
@@ -340,9 +348,11 @@ class RpcSpan(trace.Span):
         trace_state: TraceState | str | None,
         attributes: dict[str, types.AttributeValue],
     ) -> None:
-        """``parent`` may be a caller's traceparent header, not yet read, and
-        ``trace_state`` then the caller's tracestate header or None;
-        ``trace_id`` is the span's trace id if the header is invalid."""
+        """``parent`` may be a caller's traceparent header, not yet read.
+
+        ``trace_state`` is then the caller's tracestate header or None, and
+        ``trace_id`` the span's trace id in case the header is invalid.
+        """
         self.factory = factory
         self.name = name
         self.kind = kind
@@ -382,15 +392,21 @@ class RpcSpan(trace.Span):
         For a plain span only (see ``plain``).
         """
         parent = self._parent
-        first: Any
-        third: Any
-        fourth: Any
+        trace_field: Any
+        parent_field: Any
+        remote_field: Any
         if isinstance(parent, str):
-            first, third, fourth = parent, self._trace_state, self._trace_id
+            trace_field, parent_field, remote_field = (
+                parent,
+                self._trace_state,
+                self._trace_id,
+            )
         elif parent is None:
-            first, third, fourth = self._trace_id, 0, False
+            trace_field, parent_field, remote_field = self._trace_id, 0, False
         else:
-            first, third, fourth = self._trace_id, parent.span_id, parent.is_remote
+            trace_field = self._trace_id
+            parent_field = parent.span_id
+            remote_field = parent.is_remote
         # Enum values are read through a property, costly on this path.
         kind = self.kind
         if kind is _SERVER:
@@ -405,10 +421,10 @@ class RpcSpan(trace.Span):
         else:
             code, message = status.status_code.value, status.description or ""
         return (
-            first,
+            trace_field,
             self.span_id,
-            third,
-            fourth,
+            parent_field,
+            remote_field,
             self.name,
             kind_value,
             self.start_time,
@@ -419,17 +435,25 @@ class RpcSpan(trace.Span):
         )
 
     def _read_caller(self) -> None:
-        parent = remote_parent(self._parent, self._trace_state)
+        header, tracestate = self._parent, self._trace_state
+        parent = remote_parent(header, None)
         if parent is None:
             # An invalid header: the span is the root of a trace of its own.
             self._parent = None
             self._trace_state = None
             return
+        # The ids are settled before the tracestate is read, since reading
+        # it may log a warning, and a log line reads this span's context.
         self._trace_id = parent.trace_id
         self._parent = parent
-        self._trace_state = parent.trace_state
-        if parent.trace_state:
+        self._trace_state = None
+        trace_state = read_tracestate(tracestate)
+        if trace_state:
+            parent.trace_state = trace_state
+            self._trace_state = trace_state
             self.plain = False
+            # A log line may have made the context without the trace state.
+            self._span_context = None
 
     # Span processors read ``span.context``, as of the SDK's ReadableSpan.
     @property

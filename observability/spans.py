@@ -44,7 +44,7 @@ from observability.propagation import (
     has_span,
     inject,
 )
-from observability.rpcspans import RpcSpan, RpcSpanFactory
+from observability.rpcspans import RpcSpan
 from observability.setup import (
     rpc_spans_for,
     tracer,
@@ -236,9 +236,9 @@ def annotate_rpc(attributes: dict[str, str | int]) -> None:
     Keys are full attribute names, such as the constants of this module.
     Values are of type str or int exactly, not of a subclass such as an
     enum's: the common case stores them without checks. Does nothing
-    outside ``serve_traced`` or when its span is not recorded.
+    outside a ``traced_rpc`` handler or when its span is not recorded.
     """
-    span = _get_current().get(_SPAN_KEY)
+    span = _get_current().get(_RPC_SPAN_KEY)
     if type(span) is not RpcSpan:
         return
     stored = span.attributes
@@ -334,55 +334,74 @@ class RpcRoute:
         }
 
 
-async def serve_traced(
-    factory: RpcSpanFactory,
-    route: RpcRoute,
-    context: grpc.aio.ServicerContext,
-    answer: Callable[[Servicer, Request, grpc.aio.ServicerContext], Awaitable[T]],
-    servicer: Servicer,
-    request: Request,
-) -> T:
-    """Await ``answer(servicer, request, context)`` inside a SERVER span of the RPC.
+Answer = Callable[[Servicer, Request, grpc.aio.ServicerContext], Awaitable[T]]
 
-    ``factory`` is ``rpc_spans_for(route.service)``, for a call that is
-    traced. The span is a child of the caller's span when the call carries a
-    W3C ``traceparent`` metadata entry, as the gRPC instrumentation of a
-    client sends it, and the root of a trace otherwise. An RPC that aborts
-    gets the status code it aborted with. Written without context managers
-    or closures, since it runs on every RPC.
+
+def traced_rpc(
+    route: RpcRoute, answer: Answer[Servicer, Request, T]
+) -> Answer[Servicer, Request, T]:
+    """Return a gRPC method handler that awaits ``answer`` in a SERVER span.
+
+    While ``rpc_spans_for(route.service)`` gives no factory (tracing off,
+    or the service excluded) the handler only awaits ``answer``. The span
+    is a child of the caller's span when the call carries a W3C
+    ``traceparent`` metadata entry, as the gRPC instrumentation of a client
+    sends it, and the root of a trace otherwise. An RPC that aborts gets
+    the status code it aborted with.
     """
-    # The last entry of each counts, as in a carrier dict of the metadata.
-    traceparent = tracestate = None
-    for key, value in context.invocation_metadata() or ():
-        if key == "traceparent":
-            traceparent = value
-        elif key == "tracestate":
-            tracestate = value
-    span = factory.start_served(
-        route.name, traceparent, tracestate, route.attributes.copy()
-    )
-    # The span stays current after the call, not reset: gRPC serves each
-    # call in an asyncio task of its own, which ends with it, and each reset
-    # costs the hot path. The task starts with an empty context, so the
-    # span's context contains the span alone, as set_span_in_context would
-    # make it from the empty one.
-    _attach(Context({_SPAN_KEY: span}))
-    try:
-        return await answer(servicer, request, context)
-    except BaseException as exc:
-        code = context.code()
-        name = code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__
-        span.set_attribute("rpc.grpc.status_code", name)
-        span.set_status(Status(StatusCode.ERROR, f"{name}: {context.details()}"))
-        raise
-    finally:
-        span.end()
+
+    # Written without context managers, helpers or an extra coroutine,
+    # since it runs on every RPC.
+    async def handle(
+        servicer: Servicer, request: Request, context: grpc.aio.ServicerContext
+    ) -> T:
+        factory = rpc_spans_for(route.service)
+        if factory is None:
+            return await answer(servicer, request, context)
+        # The last entry of each counts, as in a carrier dict of the metadata.
+        traceparent = tracestate = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "traceparent":
+                traceparent = value
+            elif key == "tracestate":
+                tracestate = value
+        span = factory.start_served(
+            route.name, traceparent, tracestate, route.attributes.copy()
+        )
+        # The span stays current after the call, not reset: gRPC serves each
+        # call in an asyncio task of its own, which ends with it, and each
+        # reset costs the hot path. The task starts with an empty context, so
+        # the new one is what set_span_in_context would make of it. It also
+        # keeps the span under a key of its own, for annotate_rpc to find it
+        # below spans started in the call.
+        _attach(Context({_SPAN_KEY: span, _RPC_SPAN_KEY: span}))
+        try:
+            return await answer(servicer, request, context)
+        except BaseException as exc:
+            _served_failed(span, context, exc)
+            raise
+        finally:
+            span.end()
+
+    return handle
+
+
+def _served_failed(
+    span: Span, context: grpc.aio.ServicerContext, exc: BaseException
+) -> None:
+    """Give the span of a served call that raised its status."""
+    code = context.code()
+    name = code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__
+    span.set_attribute("rpc.grpc.status_code", name)
+    span.set_status(Status(StatusCode.ERROR, f"{name}: {context.details()}"))
 
 
 # The key of the current span in an OpenTelemetry context, read once from
-# what set_span_in_context makes, so that serve_traced can build its context
+# what set_span_in_context makes, so that traced_rpc can build its context
 # in one step.
 (_SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, Context())
+# The key of the span of the RPC being served.
+_RPC_SPAN_KEY = otel_context.create_key("jobledger-rpc-span")
 # The OpenTelemetry context of the running code is a context variable, with
 # the default runtime context. Setting and reading it directly saves the
 # calls of attach and get_current on every RPC.

@@ -62,7 +62,7 @@ from observability.spans import (
     RpcRoute,
     annotate_rpc,
     call_traced,
-    serve_traced,
+    traced_rpc,
 )
 from tests.helpers.otlp_collector import TraceCollector, running_collector
 
@@ -857,7 +857,7 @@ def test_sampling_sampler_attributes_added() -> None:
     assert span.attributes["rpc.method"] == "Call"
 
 
-# End to end: serve_traced and call_traced exported to a real OTLP collector.
+# End to end: traced_rpc and call_traced exported to a real OTLP collector.
 
 SERVICE = "jobledger.test.Echo"
 METHOD = "Echo"
@@ -883,7 +883,7 @@ def telemetry(collector: TraceCollector) -> Iterator[setup.Telemetry]:
 
 
 class EchoServer:
-    """A grpc.aio server whose one method is served through serve_traced."""
+    """A grpc.aio server whose one method is served through traced_rpc."""
 
     def __init__(self) -> None:
         self.metadata: list[dict[str, str]] = []
@@ -904,13 +904,9 @@ class EchoServer:
         self.metadata.append(
             {key: str(value) for key, value in context.invocation_metadata() or ()}
         )
-
-        factory = setup.rpc_spans_for(SERVICE)
-        assert factory is not None
+        assert setup.rpc_spans_for(SERVICE) is not None
         try:
-            return await serve_traced(
-                factory, ROUTE, context, EchoServer.answer, self, request
-            )
+            return await TRACED_ECHO(self, request, context)
         finally:
             self.handled += 1
 
@@ -923,10 +919,10 @@ class EchoServer:
         return request
 
     async def wait_handled(self, count: int) -> None:
-        """Wait until ``count`` calls have left serve_traced, so their spans ended.
+        """Wait until ``count`` calls have left the handler, so their spans ended.
 
-        An aborting handler sends its status from context.abort, before
-        serve_traced ends the span, so the client can see the error first.
+        An aborting handler sends its status from context.abort, before the
+        traced handler ends the span, so the client can see the error first.
         """
         deadline = time.monotonic() + 60
         while self.handled < count:
@@ -938,6 +934,9 @@ class EchoServer:
             return await self.echo(request, metadata=metadata, timeout=60)  # type: ignore[no-any-return]
 
         return invoke
+
+
+TRACED_ECHO = traced_rpc(ROUTE, EchoServer.answer)
 
 
 @pytest.fixture
