@@ -4,18 +4,19 @@ The coordinator serves thousands of RPCs a second on one thread, each with
 a span. Sending spans from inside the coordinator costs that thread more
 than recording them: an export thread in the same process takes the
 interpreter lock for every batch it encodes, parses and sends. So the span
-processor here, ``SpanRelay``, only queues each finished span. A thread of
-its own wakes every ``HAND_OVER_S``, encodes what is queued to OTLP wire
-bytes in one pass and writes them to a child process,
-``python -m observability.relay``. The child batches the spans as the
-batch span processor would (OTEL_BSP_SCHEDULE_DELAY,
-OTEL_BSP_MAX_EXPORT_BATCH_SIZE, OTEL_BSP_MAX_QUEUE_SIZE) and sends them
+processor here, ``SpanRelay``, only queues each finished span, as a
+record of plain values. A thread of its own wakes every ``HAND_OVER_S`` and
+writes what is queued, in one ``marshal`` call, to a child process,
+``python -m observability.relay``, which runs at a lower CPU priority. The
+child encodes the spans to OTLP wire bytes and batches them as the batch
+span processor would (OTEL_BSP_SCHEDULE_DELAY,
+OTEL_BSP_MAX_EXPORT_BATCH_SIZE, OTEL_BSP_MAX_QUEUE_SIZE). It sends them
 with the standard OTLP/gRPC exporter, which reads the rest of its settings
 (headers, TLS, compression, timeout) from the environment it inherits.
 
 Frames on the child's stdin are a header (kind, number, payload length)
-and a payload. SPANS frames carry an ExportTraceServiceRequest of
-``number`` spans. A FLUSH frame requests the child to export everything
+and a payload. SPANS frames carry ``number`` spans: the resource and scope
+fields, the records, and the encoded SDK spans. A FLUSH frame requests the child to export everything
 before it and then write ``number`` back on its stdout. When stdin closes, because
 the parent shut down or died, even by SIGKILL, the child exports what it
 holds, for at most one export timeout, and exits. A parent killed with
@@ -57,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 # How often the parent hands its queued spans to the child, at most.
 HAND_OVER_S = 0.1
+# How much lower than its parent's the export process's CPU priority is.
+NICENESS = 10
 # A child that died is replaced at most this often.
 RESPAWN_S = 5.0
 # Time for the child to exit after its export timeout ran out.
@@ -642,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     # when its parent closes the pipe or dies.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    # Exporting is background work: where the CPUs are busy, the process
+    # that serves the RPCs goes first.
+    os.nice(NICENESS)
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,

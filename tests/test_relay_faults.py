@@ -299,6 +299,28 @@ async def test_coordinator_sigkill_keeps_spans_no_orphan(
     await wait_overview_spans(collector, 31)
 
 
+async def test_coordinator_export_process_lower_priority(
+    tmp_path: Path,
+    tracing_env: pytest.MonkeyPatch,
+    collector: TraceCollector,
+    coordinators: list[CoordinatorProcess],
+    reaper: Reaper,
+) -> None:
+    tracing_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
+    coordinator, child = await start_coordinator(tmp_path, coordinators, reaper)
+    assert coordinator.process is not None
+    parent_nice = os.getpriority(os.PRIO_PROCESS, coordinator.process.pid)
+    expected = min(19, parent_nice + relay.NICENESS)
+    # The export process lowers its own priority as it starts.
+    deadline = time.monotonic() + 30
+    while os.getpriority(os.PRIO_PROCESS, child) != expected:
+        assert time.monotonic() < deadline, os.getpriority(os.PRIO_PROCESS, child)
+        await asyncio.sleep(0.05)
+    assert os.getpriority(os.PRIO_PROCESS, coordinator.process.pid) == parent_nice
+    await call(coordinator, 10)
+    await wait_overview_spans(collector, 11)
+
+
 async def test_coordinator_sigterm_flushes_and_child_exits(
     tmp_path: Path,
     tracing_env: pytest.MonkeyPatch,
