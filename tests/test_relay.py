@@ -25,19 +25,13 @@ from observability.relay import ExportSettings, SpanRelay
 from observability.rpcspans import RpcSpan, RpcSpanFactory
 from observability.settings import TelemetrySettings
 from tests.helpers.coordinator_process import free_port
-from tests.helpers.otlp_collector import TraceCollector, running_collector
+from tests.helpers.otlp_collector import TraceCollector
 
 SCOPE = "jobledger"
 RESOURCE = Resource.create(
     {"service.name": "jobledger-relay-test", "service.instance.id": "test:1"}
 )
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def collector() -> Iterator[TraceCollector]:
-    with running_collector() as servicer:
-        yield servicer
 
 
 class Tracing:

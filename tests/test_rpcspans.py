@@ -64,7 +64,7 @@ from observability.spans import (
     call_traced,
     traced_rpc,
 )
-from tests.helpers.otlp_collector import TraceCollector, running_collector
+from tests.helpers.otlp_collector import TraceCollector
 
 EPOCH = "jobledger.leader.epoch"
 SCOPE = "jobledger"
@@ -862,24 +862,6 @@ def test_sampling_sampler_attributes_added() -> None:
 SERVICE = "jobledger.test.Echo"
 METHOD = "Echo"
 ROUTE = RpcRoute(SERVICE, METHOD)
-
-
-@pytest.fixture
-def collector() -> Iterator[TraceCollector]:
-    with running_collector() as servicer:
-        yield servicer
-
-
-@pytest.fixture
-def telemetry(collector: TraceCollector) -> Iterator[setup.Telemetry]:
-    settings = TelemetrySettings(
-        service_name="jobledger-rpcspans-test",
-        traces_endpoint=f"http://127.0.0.1:{collector.port}",
-    )
-    telemetry = setup.Telemetry(settings, "test:1")
-    telemetry.start()
-    yield telemetry
-    telemetry.shutdown()
 
 
 class EchoServer:

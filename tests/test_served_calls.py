@@ -15,9 +15,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from coordinator.servicers import rpc
 from observability import setup
 from observability.logs import TraceIdFilter
-from observability.settings import TelemetrySettings
 from observability.spans import JOB, annotate_rpc
-from tests.helpers.otlp_collector import TraceCollector, running_collector
+from tests.helpers.otlp_collector import TraceCollector
 
 METHOD = "Call"
 SERVER = trace_pb2.Span.SPAN_KIND_SERVER
@@ -25,24 +24,6 @@ CALLER_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN_ID = "b7ad6b7169203331"
 # A worker's traceparent: version 00, sampled, 55 characters long.
 TRACEPARENT = f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"
-
-
-@pytest.fixture
-def collector() -> Iterator[TraceCollector]:
-    with running_collector() as servicer:
-        yield servicer
-
-
-@pytest.fixture
-def telemetry(collector: TraceCollector) -> Iterator[setup.Telemetry]:
-    settings = TelemetrySettings(
-        service_name="jobledger-review-test",
-        traces_endpoint=f"http://127.0.0.1:{collector.port}",
-    )
-    telemetry = setup.Telemetry(settings, "review:1")
-    telemetry.start()
-    yield telemetry
-    telemetry.shutdown()
 
 
 @pytest.fixture
