@@ -132,13 +132,19 @@ class JobManagerInternalService(fpb_grpc.JobManagerInternalServiceServicer):
         request: fpb.ReportStateCompletionRequest,
         context: grpc.aio.ServicerContext,
     ) -> fpb.ReportStateCompletionReply:
+        annotation: dict[str, str | int] = {spans.CHECKPOINT: request.checkpoint_id}
+        try:
+            task_id = _parse_task(request.operator_instance_id)
+        except InvalidArgument:
+            # The span of a rejected call still names its checkpoint.
+            spans.annotate_rpc(annotation)
+            raise
+        annotation[spans.TASK] = task_id
+        spans.annotate_rpc(annotation)
         ack = pb.TaskAcknowledgement(
-            task_id=_parse_task(request.operator_instance_id),
+            task_id=task_id,
             snapshot_handle=request.state_location,
             source_offsets=request.input_offsets,
-        )
-        spans.annotate_rpc(
-            {spans.CHECKPOINT: request.checkpoint_id, spans.TASK: ack.task_id}
         )
         outcome = await self._engine.execute(
             checkpoints.decide_acknowledge, "", request.checkpoint_id, ack
@@ -268,20 +274,25 @@ class TaskManagerRegistration(fpb_grpc.TaskManagerRegistrationServicer):
         request: fpb.AcknowledgeCheckpointRequest,
         context: grpc.aio.ServicerContext,
     ) -> fpb.AcknowledgeCheckpointResponse:
+        annotation: dict[str, str | int] = {
+            spans.JOB: request.job_id,
+            spans.CHECKPOINT: request.checkpoint_id,
+        }
+        try:
+            task_id = _task_of(request.job_vertex_id, request.subtask_index)
+        except InvalidArgument:
+            # The span of a rejected call still names its job and checkpoint.
+            spans.annotate_rpc(annotation)
+            raise
+        annotation[spans.TASK] = task_id
+        spans.annotate_rpc(annotation)
         ack = pb.TaskAcknowledgement(
-            task_id=_task_of(request.job_vertex_id, request.subtask_index),
+            task_id=task_id,
             task_manager_id=request.task_manager_id,
             snapshot_handle=request.snapshot_handle,
             source_offsets=request.source_offsets,
             snapshot_size=request.snapshot_size,
             duration_ms=request.duration,
-        )
-        spans.annotate_rpc(
-            {
-                spans.JOB: request.job_id,
-                spans.CHECKPOINT: request.checkpoint_id,
-                spans.TASK: ack.task_id,
-            }
         )
         outcome = await self._engine.execute(
             checkpoints.decide_acknowledge, request.job_id, request.checkpoint_id, ack

@@ -16,11 +16,12 @@ with the standard OTLP/gRPC exporter, which reads the rest of its settings
 
 Frames on the child's stdin are a header (kind, number, payload length)
 and a payload. SPANS frames carry ``number`` spans: the resource and scope
-fields, the records, and the encoded SDK spans. A FLUSH frame requests the child to export everything
-before it and then write ``number`` back on its stdout. When stdin closes, because
-the parent shut down or died, even by SIGKILL, the child exports what it
-holds, for at most one export timeout, and exits. A parent killed with
-SIGKILL loses only the spans of its last ``HAND_OVER_S``.
+fields, the records, and the encoded SDK spans. A FLUSH frame requests the
+child to export everything before it and then write ``number`` back on its
+stdout. When stdin closes, because the parent shut down or died, even by
+SIGKILL, the child exports what it holds, for at most one export timeout,
+and exits. A parent killed with SIGKILL loses only the spans of its last
+``HAND_OVER_S``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ can lack its ``checkpoint.trigger`` root even though its later spans join it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -61,6 +62,9 @@ TASK = "jobledger.task.id"
 ATTEMPT = "jobledger.task.attempt"
 TASK_MANAGER = "jobledger.task_manager.id"
 ACKNOWLEDGEMENT = "jobledger.acknowledgement"
+# The gRPC status code of an RPC span, as its number (0 is OK).
+STATUS_CODE = "rpc.grpc.status_code"
+OK_CODE = grpc.StatusCode.OK.value[0]
 
 _NS_PER_MS = 1_000_000
 
@@ -331,6 +335,7 @@ class RpcRoute:
             "rpc.system": "grpc",
             "rpc.service": service,
             "rpc.method": method,
+            STATUS_CODE: OK_CODE,
         }
 
 
@@ -391,8 +396,15 @@ def _served_failed(
 ) -> None:
     """Give the span of a served call that raised its status."""
     code = context.code()
-    name = code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__
-    span.set_attribute("rpc.grpc.status_code", name)
+    if isinstance(code, grpc.StatusCode):
+        name = code.name
+        span.set_attribute(STATUS_CODE, code.value[0])
+    else:
+        # Not an abort: the call was cancelled, or gRPC answers UNKNOWN.
+        name = type(exc).__name__
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        status = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
+        span.set_attribute(STATUS_CODE, status.value[0])
     span.set_status(Status(StatusCode.ERROR, f"{name}: {context.details()}"))
 
 
@@ -437,15 +449,20 @@ async def call_traced(
         f"/{service}/{method}",
         SpanKind.CLIENT,
         parent if parent.is_valid else None,
-        {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        {
+            "rpc.system": "grpc",
+            "rpc.service": service,
+            "rpc.method": method,
+            STATUS_CODE: OK_CODE,
+        },
     )
     carrier = inject(trace.set_span_in_context(span))
     try:
         return await call(metadata + tuple(carrier.items()))
     except grpc.aio.AioRpcError as exc:
-        name = exc.code().name
-        span.set_attribute("rpc.grpc.status_code", name)
-        span.set_status(Status(StatusCode.ERROR, f"{name}: {exc.details()}"))
+        code = exc.code()
+        span.set_attribute(STATUS_CODE, code.value[0])
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {exc.details()}"))
         raise
     except BaseException as exc:
         span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
