@@ -96,6 +96,9 @@ class Settings:
     # Checkpoints pending at once in each acknowledgement run.
     checkpoints: int
     restart_events: int
+    # Runs of each tracing case. Tracing costs a few per cent, about as much
+    # as the rate moves from run to run here, so its medians need more runs.
+    tracing_repetitions: int
 
 
 FULL = Settings(
@@ -105,6 +108,7 @@ FULL = Settings(
     parallelism=128,
     checkpoints=16,
     restart_events=1_000_000,
+    tracing_repetitions=7,
 )
 QUICK = Settings(
     quick=True,
@@ -113,6 +117,7 @@ QUICK = Settings(
     parallelism=32,
     checkpoints=12,
     restart_events=100_000,
+    tracing_repetitions=3,
 )
 
 
@@ -894,7 +899,7 @@ async def measure_tracing(
         traced = await _traced_targets(jaeger, folder, settings, worker)
         coordinators = [untraced, untraced, traced[0], traced[0], traced[1]]
         targets = dict(zip(TRACING_CASES, coordinators, strict=True))
-        for _ in range(settings.repetitions):
+        for _ in range(settings.tracing_repetitions):
             for case, target in targets.items():
                 run = await measure_acks(
                     context, target, settings, case in _WITH_TRACEPARENT
@@ -1169,6 +1174,7 @@ async def run(settings: Settings, folder: Path) -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "filesystem": filesystem_type(folder),
         "repetitions": settings.repetitions,
+        "tracing_repetitions": settings.tracing_repetitions,
         "client_processes": CLIENT_PROCESSES,
         "calls_in_flight_per_process": CALLS_IN_FLIGHT,
         "heartbeat_seconds": settings.heartbeat_s,
@@ -1204,7 +1210,12 @@ async def run_tracing(settings: Settings, folder: Path) -> dict[str, Any]:
         if untraced is not None:
             await untraced.coordinator.stop()
         await worker.stop()
-    return {"benchmark": "coordinator tracing", "quick": settings.quick, **tracing}
+    return {
+        "benchmark": "coordinator tracing",
+        "quick": settings.quick,
+        "tracing_repetitions": settings.tracing_repetitions,
+        **tracing,
+    }
 
 
 def _rounded_median(starts: Sequence[Start]) -> float:
@@ -1258,14 +1269,19 @@ def main(argv: list[str] | None = None) -> None:
         "--repetitions",
         type=int,
         default=None,
-        help="runs of each case, taking turns (default: 3); the median counts",
+        help="runs of each case, taking turns (default: 3, and 7 for the "
+        "tracing cases of a full run); the median counts",
     )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     if args.repetitions is not None:
         if args.repetitions < 1:
             parser.error(f"--repetitions {args.repetitions}: give 1 or more")
-        settings = dataclasses.replace(settings, repetitions=args.repetitions)
+        settings = dataclasses.replace(
+            settings,
+            repetitions=args.repetitions,
+            tracing_repetitions=args.repetitions,
+        )
     with tempfile.TemporaryDirectory(prefix="jobledger-bench-", dir=args.dir) as name:
         folder = Path(name)
         mode = "quick" if settings.quick else "full"
