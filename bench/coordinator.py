@@ -1139,6 +1139,9 @@ async def run(settings: Settings, folder: Path) -> dict[str, Any]:
                 acks[log].append(await measure_acks(context, targets[log], settings))
         for log in LOGS:
             _print_runs(f"AcknowledgeCheckpoint, {log} log", acks[log])
+        # The tracing cases measure other coordinators and this one. The
+        # in-memory one would still run its timers on the same CPUs.
+        await targets["memory"].coordinator.stop()
         tracing = await measure_tracing(
             context, settings, folder, worker, targets["sqlite"]
         )
