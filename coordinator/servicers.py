@@ -97,6 +97,27 @@ def _task_of(vertex_id: str, subtask_index: int) -> str:
     return task_id(vertex_id, subtask_index)
 
 
+def _annotated_task(
+    annotation: dict[str, str | int],
+    task_of: Callable[..., str],
+    *fields: str | int,
+) -> str:
+    """Return ``task_of(*fields)``, the task of an acknowledgement.
+
+    Adds ``annotation`` and the task to the RPC's span, or ``annotation``
+    alone when ``task_of`` raises InvalidArgument: the span of a rejected
+    call still names its job and checkpoint.
+    """
+    try:
+        task = task_of(*fields)
+    except InvalidArgument:
+        spans.annotate_rpc(annotation)
+        raise
+    annotation[spans.TASK] = task
+    spans.annotate_rpc(annotation)
+    return task
+
+
 def _parse_task(operator_instance_id: str) -> str:
     try:
         vertex, index = split_task_id(operator_instance_id)
@@ -132,15 +153,11 @@ class JobManagerInternalService(fpb_grpc.JobManagerInternalServiceServicer):
         request: fpb.ReportStateCompletionRequest,
         context: grpc.aio.ServicerContext,
     ) -> fpb.ReportStateCompletionReply:
-        annotation: dict[str, str | int] = {spans.CHECKPOINT: request.checkpoint_id}
-        try:
-            task_id = _parse_task(request.operator_instance_id)
-        except InvalidArgument:
-            # The span of a rejected call still names its checkpoint.
-            spans.annotate_rpc(annotation)
-            raise
-        annotation[spans.TASK] = task_id
-        spans.annotate_rpc(annotation)
+        task_id = _annotated_task(
+            {spans.CHECKPOINT: request.checkpoint_id},
+            _parse_task,
+            request.operator_instance_id,
+        )
         ack = pb.TaskAcknowledgement(
             task_id=task_id,
             snapshot_handle=request.state_location,
@@ -274,18 +291,12 @@ class TaskManagerRegistration(fpb_grpc.TaskManagerRegistrationServicer):
         request: fpb.AcknowledgeCheckpointRequest,
         context: grpc.aio.ServicerContext,
     ) -> fpb.AcknowledgeCheckpointResponse:
-        annotation: dict[str, str | int] = {
-            spans.JOB: request.job_id,
-            spans.CHECKPOINT: request.checkpoint_id,
-        }
-        try:
-            task_id = _task_of(request.job_vertex_id, request.subtask_index)
-        except InvalidArgument:
-            # The span of a rejected call still names its job and checkpoint.
-            spans.annotate_rpc(annotation)
-            raise
-        annotation[spans.TASK] = task_id
-        spans.annotate_rpc(annotation)
+        task_id = _annotated_task(
+            {spans.JOB: request.job_id, spans.CHECKPOINT: request.checkpoint_id},
+            _task_of,
+            request.job_vertex_id,
+            request.subtask_index,
+        )
         ack = pb.TaskAcknowledgement(
             task_id=task_id,
             task_manager_id=request.task_manager_id,

@@ -233,10 +233,10 @@ def encode_record(record: SpanRecord) -> bytes:
     if isinstance(record, bytes):
         return record
     (
-        first,
+        trace_field,
         span_id,
-        third,
-        fourth,
+        parent_field,
+        remote_field,
         name,
         kind,
         start,
@@ -249,10 +249,12 @@ def encode_record(record: SpanRecord) -> bytes:
     parent_id: int
     remote: bool
     trace_state = b""
-    if type(first) is str:
-        trace_id, parent_id, remote, trace_state = _caller(first, third, fourth)
+    if type(trace_field) is str:
+        trace_id, parent_id, remote, trace_state = _caller(
+            trace_field, parent_field, remote_field
+        )
     else:
-        trace_id, parent_id, remote = first, third, fourth
+        trace_id, parent_id, remote = trace_field, parent_field, remote_field
     return b"".join(
         (
             b"\x0a\x10",

@@ -210,27 +210,7 @@ class RpcSpanFactory:
             and len(traceparent) == _TRACEPARENT_LENGTH
             and traceparent[-1] in _SAMPLED_LAST_DIGITS
         ):
-            # The trace id of the span if the header turns out invalid.
-            if self.random_ids:
-                trace_id = getrandbits(128) or self.id_generator.generate_trace_id()
-                span_id = getrandbits(64) or self.id_generator.generate_span_id()
-            else:
-                trace_id = self.id_generator.generate_trace_id()
-                span_id = self.id_generator.generate_span_id()
-            attributes[self.epoch_attribute] = self.epoch()
-            span = RpcSpan(
-                self,
-                name,
-                _SERVER,
-                trace_id,
-                span_id,
-                traceparent,
-                tracestate,
-                attributes,
-            )
-            if self.max_length is not None or len(attributes) > self.max_attributes:
-                self._apply_limits(span)
-            return span
+            return self.start(name, _SERVER, traceparent, attributes, tracestate)
         parent = remote_parent(traceparent, tracestate)
         return self.start(name, _SERVER, parent, attributes)
 
@@ -238,23 +218,32 @@ class RpcSpanFactory:
         self,
         name: str,
         kind: SpanKind,
-        parent: SpanContext | RemoteParent | None,
+        parent: SpanContext | RemoteParent | str | None,
         attributes: dict[str, types.AttributeValue],
+        tracestate: str | None = None,
     ) -> trace.Span:
         """Start a span below ``parent``, a valid span context, or a root span.
 
         Takes ownership of ``attributes``, whose values must be valid
         attribute values, because this hot path does not check them. Returns a
         non-recording span that still carries the trace context when the
-        sampler drops it.
+        sampler drops it. A ``str`` parent is a caller's traceparent that
+        ``start_served`` leaves unread, with ``tracestate`` its tracestate;
+        the span then draws the trace id it has if the header is invalid.
         """
-        if parent is not None:
-            trace_id = parent.trace_id
-        elif self.random_ids:
-            trace_id = getrandbits(128) or self.id_generator.generate_trace_id()
+        if parent is None or isinstance(parent, str):
+            if self.random_ids:
+                trace_id = getrandbits(128) or self.id_generator.generate_trace_id()
+            else:
+                trace_id = self.id_generator.generate_trace_id()
         else:
-            trace_id = self.id_generator.generate_trace_id()
-        if self.parent_or_always_on:
+            trace_id = parent.trace_id
+        trace_state: TraceState | str | None
+        if isinstance(parent, str):
+            # Sampled whether the header is valid or not (see start_served).
+            sampled = True
+            trace_state = tracestate
+        elif self.parent_or_always_on:
             sampled = parent is None or bool(parent.trace_flags & TraceFlags.SAMPLED)
             trace_state = parent.trace_state if parent is not None else None
         else:
@@ -277,6 +266,8 @@ class RpcSpanFactory:
         else:
             span_id = self.id_generator.generate_span_id()
         if not sampled:
+            # Only a span with its caller's header read gets here.
+            assert not isinstance(trace_state, str)
             return NonRecordingSpan(
                 SpanContext(trace_id, span_id, False, _NOT_SAMPLED, trace_state)
             )

@@ -394,13 +394,13 @@ def traced_rpc(
 def _served_failed(
     span: Span, context: grpc.aio.ServicerContext, exc: BaseException
 ) -> None:
-    """Give the span of a served call that raised its status."""
+    """Set the status code and error status on the span of a call that raised."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         name = code.name
         span.set_attribute(STATUS_CODE, code.value[0])
     else:
-        # Not an abort: the call was cancelled, or gRPC answers UNKNOWN.
+        # Not an abort: the call was cancelled, or gRPC replies UNKNOWN.
         name = type(exc).__name__
         cancelled = isinstance(exc, asyncio.CancelledError)
         status = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN

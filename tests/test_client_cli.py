@@ -24,6 +24,7 @@ from tests.helpers.coordinator_process import (
     CoordinatorProcess,
     coordinator_command,
     free_port,
+    leading_coordinator,
 )
 from tests.worker_helpers.jobs import write_events
 
@@ -88,12 +89,8 @@ async def poll_json(
 
 @pytest.fixture
 async def coordinator(tmp_path: Path) -> AsyncIterator[CoordinatorProcess]:
-    process = CoordinatorProcess(tmp_path / "log.db", free_port(), tmp_path)
-    await process.start()
-    try:
+    async with leading_coordinator(tmp_path) as process:
         yield process
-    finally:
-        await process.close()
 
 
 class Workers:

@@ -17,7 +17,10 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from protos import jobledger_services_pb2 as svc
 from protos import jobmanager_internal_pb2 as fpb
-from tests.helpers.coordinator_process import CoordinatorProcess, free_port
+from tests.helpers.coordinator_process import (
+    CoordinatorProcess,
+    leading_coordinator,
+)
 from tests.helpers.otlp_collector import TraceCollector
 
 CALLER_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -36,12 +39,8 @@ async def leader(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    coordinator = CoordinatorProcess(tmp_path / "log.db", free_port(), tmp_path)
-    try:
-        await coordinator.start()
+    async with leading_coordinator(tmp_path) as coordinator:
         yield coordinator
-    finally:
-        await coordinator.close()
 
 
 async def wait_spans(collector: TraceCollector, name: str) -> list[trace_pb2.Span]:

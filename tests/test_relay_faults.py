@@ -192,9 +192,9 @@ def collector() -> Iterator[TraceCollector]:
 
 
 def overview_spans(collector: TraceCollector) -> int:
-    """Count the spans of GetOverview calls answered without error.
+    """Count the spans of GetOverview calls that succeeded.
 
-    The first calls of a coordinator that does not lead yet are answered
+    A coordinator that does not lead yet rejects its first calls with
     UNAVAILABLE, and how many there are depends on timing.
     """
     return sum(

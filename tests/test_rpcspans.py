@@ -526,6 +526,7 @@ def test_served_parent_as_propagator(name: str, trace_state: str) -> None:
     if trace_state:
         carrier["tracestate"] = trace_state
     expected = trace.get_current_span(extract(carrier)).get_span_context()
+
     span = served(carrier["traceparent"], carrier.get("tracestate"))
     if expected.is_valid and not expected.trace_flags.sampled:
         assert isinstance(span, NonRecordingSpan)
@@ -533,12 +534,15 @@ def test_served_parent_as_propagator(name: str, trace_state: str) -> None:
         return
     assert isinstance(span, RpcSpan)
     span.end(END_NS)
+
     # As the export process gets it: the header possibly still unread.
     exported = trace_pb2.Span.FromString(encode_record(span_record(span)))
+    # Then read in the process.
     context = span.get_span_context()
     assert exported == trace_pb2.Span.FromString(encode_span(span))
     assert exported.trace_id == context.trace_id.to_bytes(16, "big")
     assert exported.span_id == context.span_id.to_bytes(8, "big")
+
     if expected.is_valid:
         assert context.trace_id == expected.trace_id
         assert context.trace_state == expected.trace_state

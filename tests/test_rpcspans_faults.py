@@ -17,7 +17,11 @@ import pytest
 
 from protos import jobledger_services_pb2 as svc
 from protos import jobmanager_internal_pb2 as fpb
-from tests.helpers.coordinator_process import CoordinatorProcess, free_port
+from tests.helpers.coordinator_process import (
+    CoordinatorProcess,
+    free_port,
+    leading_coordinator,
+)
 from tests.helpers.jaeger import Jaeger, jaeger_binary, tags
 
 # More RPCs than the span queue can contain (OTEL_BSP_MAX_QUEUE_SIZE, 2048
@@ -39,12 +43,8 @@ async def unreachable_collector(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", str(int(EXPORT_TIMEOUT_S)))
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
-    coordinator = CoordinatorProcess(tmp_path / "log.db", free_port(), tmp_path)
-    try:
-        await coordinator.start()
+    async with leading_coordinator(tmp_path) as coordinator:
         yield coordinator
-    finally:
-        await coordinator.close()
 
 
 async def test_sigterm_unreachable_collector_backlog(

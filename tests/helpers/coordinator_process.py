@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -231,3 +231,17 @@ class CoordinatorProcess:
             return "(no log)"
         text = self.log_path.read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.asynccontextmanager
+async def leading_coordinator(folder: Path) -> AsyncIterator[CoordinatorProcess]:
+    """Start a coordinator on a new log in ``folder``; close it on exit.
+
+    It listens on a free port of 127.0.0.1 and leads once this yields.
+    """
+    coordinator = CoordinatorProcess(folder / "log.db", free_port(), folder)
+    try:
+        await coordinator.start()
+        yield coordinator
+    finally:
+        await coordinator.close()
